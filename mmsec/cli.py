@@ -1,0 +1,376 @@
+"""The ``mmsec`` command line: parse, call ``mmsec.api``, print. Nothing else lives here.
+
+User errors print one line and exit 2 (usage) or 1 (runtime); set
+``MMSEC_DEBUG=1`` to see the traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import MmsecError
+
+log = logging.getLogger("mmsec")
+
+
+def _debug() -> bool:
+    return os.environ.get("MMSEC_DEBUG", "") not in ("", "0")
+
+
+def handle_errors(fn):
+    """Turn mmsec errors (and unexpected ones) into one line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.Exit:
+            raise
+        except click.ClickException:
+            raise
+        except MmsecError as exc:
+            if _debug():
+                raise
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("Interrupted.", err=True)
+            sys.exit(130)
+        except Exception as exc:  # the last line of defence: no traceback for users
+            if _debug():
+                raise
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            click.echo(f"Error: {type(exc).__name__}: {first} (set MMSEC_DEBUG=1 for the "
+                       "traceback)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+def common_options(fn):
+    """Options shared by eval, attack and defend."""
+    opts = [
+        click.option("-m", "--model", default=None,
+                     help="open_clip architecture or zoo:NAME (default: the embedded zoo model)"),
+        click.option("--pretrained", default=None,
+                     help="pretrained tag (open_clip) or checkpoint FILE (.safetensors/.pt)"),
+        click.option("-d", "--data", default=None,
+                     help="dataset NAME[:ARG] or a path (default: procedural); see `mmsec datasets`"),
+        click.option("--split", default="test", show_default=True, help="evaluation split"),
+        click.option("--limit", type=int, default=None, help="evaluate on N items only"),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N], mps"),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
+                     show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="run folder (default: ./mmsec-runs/<time>-<kind>-<plugin>)"),
+        click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint"),
+        click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it"),
+        click.option("--json", "as_json", is_flag=True, help="print the run's results.json"),
+        click.option("-q", "--quiet", is_flag=True, help="only warnings on stderr"),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def _settings(kw: dict):
+    from .api import Settings
+
+    return Settings(model=kw["model"], pretrained=kw["pretrained"], data=kw["data"],
+                    split=kw["split"], device=kw["device"], precision=kw["precision"],
+                    seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
+                    limit=kw["limit"], quiet=kw["quiet"])
+
+
+def _print_results(res: dict, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+        return
+    metrics = res.get("metrics", {})
+    width = max((len(k) for k in metrics), default=0)
+    for k, v in metrics.items():
+        click.echo(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    click.echo(f"run folder: {res.get('run_dir') or res.get('dir', '')}")
+
+
+def _setup_logging(quiet: bool = False) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+option_pairs = click.option(
+    "-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
+    help="plugin option (repeatable), e.g. -o eps 4/255")
+plugin_option = click.option("-p", "--plugin", required=True, help="plugin name (`mmsec plugins`)")
+
+
+class MmsecGroup(click.Group):
+    """A group that adds plugin commands (``register_commands``) only when they are asked for."""
+
+    _plugins_loaded = False
+
+    def _load_plugins(self) -> None:
+        if not self._plugins_loaded:
+            self._plugins_loaded = True
+            _load_plugin_commands(self)
+
+    def get_command(self, ctx: click.Context, name: str):
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            self._load_plugins()
+            cmd = super().get_command(ctx, name)
+        return cmd
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=MmsecGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="mmsec")
+def main() -> None:
+    """mmsec: attacks, defenses and metrics for CLIP models, extensible by plugins."""
+    _setup_logging()
+
+
+@main.command("eval")
+@common_options
+@click.option("--attack-artifact", type=click.Path(), default=None,
+              help="apply a saved attack artifact (e.g. a patch) and measure its effect")
+@click.option("--knn-bank", type=int, default=2000, show_default=True,
+              help="train items used as the kNN bank (0: no kNN metrics)")
+@handle_errors
+def eval_cmd(attack_artifact, knn_bank, as_json, **kw):
+    """Measure a model on a dataset (zero-shot, kNN, retrieval); optionally under an attack."""
+    from . import api
+
+    _print_results(api.eval(_settings(kw), attack_artifact=attack_artifact, knn_bank=knn_bank),
+                   as_json)
+
+
+@main.command("attack")
+@plugin_option
+@option_pairs
+@common_options
+@handle_errors
+def attack_cmd(plugin, options, as_json, **kw):
+    """Fit an attack plugin and measure it against a control."""
+    from . import api
+    from .options import parse_cli_pairs
+
+    _print_results(api.attack(plugin, _settings(kw), options=parse_cli_pairs(options)), as_json)
+
+
+@main.command("defend")
+@plugin_option
+@option_pairs
+@common_options
+@click.option("--clean-items", type=int, default=1000, show_default=True,
+              help="clean train items the defense may use")
+@handle_errors
+def defend_cmd(plugin, options, clean_items, as_json, **kw):
+    """Apply a defense plugin to a model and measure before/after."""
+    from . import api
+    from .options import parse_cli_pairs
+
+    _print_results(api.defend(plugin, _settings(kw), options=parse_cli_pairs(options),
+                              clean_items=clean_items), as_json)
+
+
+@main.command("run")
+@click.argument("recipe", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="folder for all steps")
+@click.option("--json", "as_json", is_flag=True, help="print every step's results")
+@click.option("-q", "--quiet", is_flag=True)
+@handle_errors
+def run_cmd(recipe, out, as_json, quiet):
+    """Run a YAML recipe: a chain of attack / defend / eval steps."""
+    from . import api
+
+    res = api.run_recipe(recipe, out=out, quiet=quiet)
+    if as_json:
+        click.echo(json.dumps(res, indent=2))
+    else:
+        click.echo(res["summary"])
+        click.echo(f"recipe folder: {res['dir']}")
+
+
+@main.command("plugins")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def plugins_cmd(as_json):
+    """List plugins: name, what they register, distribution and version; failures by name."""
+    from .plugins import get_registry
+
+    reg = get_registry()
+    rows = [p.as_dict() for p in reg.plugins.values()]
+    for row in rows:
+        for kind in ("attacks", "defenses"):
+            for name in row["items"].get(kind, []):
+                cls = getattr(reg, kind)[name]
+                row.setdefault("descriptions", {})[name] = cls.description
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        what = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["items"].items()) or "-"
+        src = f"{r['distribution'] or '?'} {r['version'] or ''}".strip()
+        status = f"  FAILED: {r['error']}" if r["error"] else ""
+        click.echo(f"{r['name']:<14} {src:<22} {what}{status}")
+
+
+@main.command("models")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--all", "show_all", is_flag=True, help="also list every open_clip architecture")
+@handle_errors
+def models_cmd(as_json, show_all):
+    """List the zoo models and (with --all) open_clip architectures with pretrained tags."""
+    from .plugins import get_registry
+
+    out = {}
+    for name, src in get_registry().models.items():
+        if name == "open_clip" and not show_all and not as_json:
+            continue
+        out[name] = [{"name": m, "pretrained": tags} for m, tags in src.list_fn()]
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+        return
+    for src, models in out.items():
+        click.echo(f"[{src}]")
+        for m in models:
+            tags = ", ".join(m["pretrained"][:4]) + (" ..." if len(m["pretrained"]) > 4 else "")
+            click.echo(f"  {m['name']:<36} {tags}")
+    if not show_all:
+        click.echo("(open_clip architectures: mmsec models --all)")
+
+
+@main.command("datasets")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def datasets_cmd(as_json):
+    """List data sources usable with -d."""
+    from .plugins import get_registry
+
+    rows = [{"name": d.name, "description": d.description, "needs_arg": d.needs_arg,
+             "plugin": d.plugin} for d in get_registry().datasets.values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        usage = f"{r['name']}:PATH" if r["needs_arg"] else r["name"]
+        click.echo(f"{usage:<22} {r['description']}")
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect or clear the embedding cache ($MMSEC_CACHE_DIR)."""
+
+
+@cache_group.command("info")
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def cache_info(as_json):
+    from .cache import EmbeddingCache
+
+    info = EmbeddingCache().info()
+    if as_json:
+        click.echo(json.dumps(info, indent=2, default=str))
+        return
+    click.echo(f"cache: {info['directory']}")
+    click.echo(f"items: {info['items']}  bytes: {info['bytes']}")
+    for ns in info["namespaces"]:
+        click.echo(f"  {ns['fingerprint']}/{ns['kind']}: {ns['items']} items, dim {ns['dim']}, "
+                   f"{ns['shards']} shard(s)")
+
+
+@cache_group.command("clear")
+@click.option("--fingerprint", default=None, help="only this model's embeddings")
+@handle_errors
+def cache_clear(fingerprint):
+    from .cache import EmbeddingCache
+
+    freed = EmbeddingCache().clear(fingerprint)
+    click.echo(f"freed {freed} bytes")
+
+
+@main.group("zoo")
+def zoo_group() -> None:
+    """The embedded models: list them, or train (reproduce) one."""
+
+
+@zoo_group.command("list")
+@handle_errors
+def zoo_list():
+    from .model import read_zoo_spec, zoo_names
+
+    for name in zoo_names():
+        spec = read_zoo_spec(name)
+        click.echo(f"zoo:{name:<10} {spec.get('dataset', ''):<14} "
+                   f"zero-shot top-1 {spec.get('metrics', {}).get('zero_shot_top1')}  "
+                   f"{spec.get('description', '')}")
+
+
+@zoo_group.command("train")
+@click.option("--name", default=None, help="zoo model name (default: shapes, or fashion with "
+              "--data fashion-mnist)")
+@click.option("-d", "--data", default=None, help="dataset (procedural, fashion-mnist, ...)")
+@click.option("--epochs", type=int, default=None, help="override the recipe's epochs")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out-dir", type=click.Path(file_okay=False), default=None,
+              help="where to write NAME.json/.safetensors (default: the installed zoo)")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="run folder")
+@click.option("--resume", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@handle_errors
+def zoo_train(name, data, epochs, seed, device, out_dir, out, resume, as_json):
+    """Train a zoo model from scratch (the shipped weights come from this command)."""
+    from .model import pick_device
+    from .runs import Run
+    from .zoo.train import train_zoo
+
+    if name is None:
+        name = "fashion" if data and data.startswith("fashion") else "shapes"
+    run = Run.create(out, "zoo-train", name, resume=resume)
+    with run:
+        spec = train_zoo(name, data=data, epochs=epochs, seed=seed, out_dir=Path(out_dir)
+                         if out_dir else None, run=run, device=str(pick_device(device)))
+        run.set("model", f"zoo:{name}")
+        run.set("dataset", spec["dataset"])
+        run.set("seed", seed)
+        res = run.finish({"zs_top1": spec["metrics"]["zero_shot_top1"],
+                          "train_seconds": spec["train"]["seconds"]})
+    _print_results(res, as_json)
+
+
+@main.command("report")
+@click.argument("runs", nargs=-1, required=True, type=click.Path())
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
+              help="also write the table as CSV")
+@handle_errors
+def report_cmd(runs, csv_path):
+    """Merge run folders (or folders of runs) into one table."""
+    from .runs import merge_runs, write_report_table
+
+    rows, columns = merge_runs([Path(r) for r in runs])
+    click.echo(write_report_table(rows, Path(csv_path) if csv_path else None, md=True,
+                                  columns=columns))
+
+
+def _load_plugin_commands(group: click.Group) -> None:
+    try:
+        from .plugins import get_registry
+
+        get_registry().add_commands(group)
+    except Exception as exc:  # never let a plugin command break the CLI
+        log.warning("could not load plugin commands: %s", exc)

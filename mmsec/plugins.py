@@ -1,0 +1,254 @@
+"""The plugin manager: built-ins and entry points, loaded the same way, failures named.
+
+Plugins are modules with hook implementations (see ``mmsec.hookspecs``). They
+come from two places:
+
+- mmsec's own default plugin (``mmsec.builtins``: the data sources, model
+  sources and metrics of the host), always loaded;
+- every entry point in the group ``mmsec`` -- the built-in attacks and defenses
+  under ``plugins/`` are registered there exactly like a third party's.
+
+``MMSEC_LOAD_PLUGINS`` restricts the entry points: a comma-separated list of
+plugin (entry-point) names, or empty for none. A plugin that fails to import,
+declares a misspelt hook, or raises inside a hook is reported by name and
+distribution; the others keep working.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UsageError
+
+log = logging.getLogger("mmsec.plugins")
+
+GROUP = "mmsec"
+DEFAULT_PLUGINS = ("mmsec.builtins",)
+KINDS = ("attacks", "defenses", "datasets", "models", "metrics", "commands")
+
+
+@dataclass
+class PluginInfo:
+    """One loaded (or failed) plugin: its name, where it comes from and what it registered."""
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    builtin: bool = False
+    items: dict[str, list[str]] = field(default_factory=dict)
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        kinds = sorted({k.rstrip("s").replace("defense", "defense") for k, v in self.items.items()
+                        if v})
+        return {"name": self.name, "kinds": kinds, "items": {k: v for k, v in self.items.items()
+                                                            if v},
+                "module": self.module, "distribution": self.distribution,
+                "version": self.version, "builtin": self.builtin, "error": self.error}
+
+
+@dataclass
+class MetricSource:
+    name: str
+    function: Any
+    description: str = ""
+    plugin: str = "mmsec"
+
+
+class Registry:
+    """What the loaded plugins registered, by kind and name."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(GROUP)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.attacks: dict[str, type] = {}
+        self.defenses: dict[str, type] = {}
+        self.datasets: dict[str, Any] = {}
+        self.models: dict[str, Any] = {}
+        self.metrics: dict[str, MetricSource] = {}
+        self.owner: dict[tuple[str, str], str] = {}
+
+    # ------------------------------------------------------------------ loading
+    def add_plugin(self, module: ModuleType | object, info: PluginInfo) -> bool:
+        """Register one plugin module; on a bad hook, record the error and leave it out."""
+        try:
+            self.pm.register(module, name=info.name)
+            self.pm.check_pending()
+        except Exception as exc:  # pluggy raises PluginValidationError / ValueError
+            if self.pm.is_registered(module):
+                self.pm.unregister(module)
+            info.error = f"{type(exc).__name__}: {exc}"
+            log.warning('Error loading plugin "%s"%s: %s', info.name, _dist_note(info), info.error)
+            self.plugins[info.name] = info
+            return False
+        self.plugins[info.name] = info
+        return True
+
+    def collect(self) -> None:
+        """Call each plugin's register hooks one by one, so a raising plugin is named and skipped."""
+        for kind in KINDS[:-1]:
+            caller = getattr(self.pm.hook, f"register_{kind}")
+            for impl in caller.get_hookimpls():
+                info = self.plugins[impl.plugin_name]
+                if info.error:
+                    continue
+                try:
+                    impl.function(register=self._registrar(kind, info))
+                except Exception as exc:  # a third-party hook may raise anything
+                    info.error = f"register_{kind} raised {type(exc).__name__}: {exc}"
+                    log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info),
+                                info.error)
+
+    def _registrar(self, kind: str, info: PluginInfo):
+        table = getattr(self, kind)
+
+        def register(item: Any, function: Any = None, description: str = "") -> None:
+            if kind == "metrics":
+                item = MetricSource(str(item), function, description, plugin=info.name)
+            name = getattr(item, "name", None)
+            if not isinstance(name, str) or not name:
+                raise TypeError(f"{kind[:-1]} registered without a string `name`: {item!r}")
+            if kind in ("attacks", "defenses"):
+                _check_plugin_class(item, kind)
+            if name in table:
+                log.warning('plugin "%s" registers %s "%s" already registered by "%s"; keeping '
+                            "the first", info.name, kind[:-1], name, self.owner[(kind, name)])
+                return
+            if kind == "datasets" and getattr(item, "plugin", "mmsec") != info.name:
+                try:
+                    item = type(item)(**{**item.__dict__, "plugin": info.name})
+                except TypeError:
+                    pass
+            table[name] = item
+            self.owner[(kind, name)] = info.name
+            info.items.setdefault(kind, []).append(name)
+
+        return register
+
+    def add_commands(self, cli: Any) -> None:
+        for impl in self.pm.hook.register_commands.get_hookimpls():
+            info = self.plugins[impl.plugin_name]
+            if info.error:
+                continue
+            try:
+                before = set(getattr(cli, "commands", {}))
+                impl.function(cli=cli)
+                info.items.setdefault("commands", []).extend(
+                    sorted(set(getattr(cli, "commands", {})) - before))
+            except Exception as exc:  # a third-party hook may raise anything
+                info.error = f"register_commands raised {type(exc).__name__}: {exc}"
+                log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info), info.error)
+
+    # ------------------------------------------------------------------ lookups
+    def attack(self, name: str) -> type:
+        return self._get("attacks", name)
+
+    def defense(self, name: str) -> type:
+        return self._get("defenses", name)
+
+    def _get(self, kind: str, name: str) -> type:
+        table = getattr(self, kind)
+        if name in table:
+            return table[name]
+        failed = [p for p in self.plugins.values() if p.error and p.name == name]
+        if failed:
+            raise PluginError(f'plugin "{name}"{_dist_note(failed[0])} failed to load: '
+                              f"{failed[0].error}")
+        known = ", ".join(sorted(table)) or "none"
+        raise UsageError(f"unknown {kind[:-1]} plugin {name!r} (available: {known})")
+
+    def failures(self) -> list[PluginInfo]:
+        return [p for p in self.plugins.values() if p.error]
+
+
+def _dist_note(info: PluginInfo) -> str:
+    if info.distribution:
+        return f" (distribution {info.distribution} {info.version or ''})".replace(" )", ")")
+    return ""
+
+
+def _check_plugin_class(cls: Any, kind: str) -> None:
+    from .attacks import Attack
+    from .defenses import Defense
+
+    base = Attack if kind == "attacks" else Defense
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise TypeError(f"{kind[:-1]} {getattr(cls, 'name', cls)!r} must subclass "
+                        f"mmsec.{base.__name__}")
+
+
+def load_plugins(selection: str | None = None) -> Registry:
+    """Build a registry from the default plugins and the selected entry points.
+
+    ``selection`` overrides ``MMSEC_LOAD_PLUGINS`` (None: read the variable; unset means all).
+    """
+    reg = Registry()
+    for modname in DEFAULT_PLUGINS:
+        reg.add_plugin(importlib.import_module(modname),
+                       PluginInfo(name="mmsec", module=modname, distribution="mmsec",
+                                  version=_version("mmsec"), builtin=True))
+    if selection is None:
+        selection = os.environ.get("MMSEC_LOAD_PLUGINS")
+    wanted = None if selection is None else {s.strip() for s in selection.split(",") if s.strip()}
+    seen: set[str] = set()
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+        if ep.name in seen or (wanted is not None and ep.name not in wanted):
+            continue
+        seen.add(ep.name)
+        dist = getattr(ep, "dist", None)
+        info = PluginInfo(name=ep.name, module=ep.value,
+                          distribution=dist.name if dist else None,
+                          version=dist.version if dist else None,
+                          builtin=ep.value.startswith("mmsec_plugins."))
+        try:
+            module = ep.load()
+        except Exception as exc:  # any import-time failure of a third-party module
+            info.error = f"import failed: {type(exc).__name__}: {exc}"
+            log.warning('Error importing plugin "%s"%s: %s', ep.name, _dist_note(info),
+                        info.error)
+            reg.plugins[ep.name] = info
+            continue
+        reg.add_plugin(module, info)
+    if wanted:
+        for missing in sorted(wanted - seen):
+            log.warning('MMSEC_LOAD_PLUGINS names "%s", but no installed plugin has that name',
+                        missing)
+    reg.collect()
+    return reg
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+_REGISTRY: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry (loaded on first use)."""
+    global _REGISTRY
+    if _REGISTRY is None:
+        _REGISTRY = load_plugins()
+    return _REGISTRY
+
+
+def reset_registry(registry: Registry | None = None) -> None:
+    """Drop (or replace) the process-wide registry; tests use this."""
+    global _REGISTRY
+    _REGISTRY = registry

@@ -1,0 +1,943 @@
+"""Run folders: one per command, with results, report, artifacts, checkpoints and resume.
+
+A run folder holds::
+
+    results.json              flat, greppable: kind, plugin, model, options, metrics, ...
+    report.md                 the human report (settings, metrics, images, extra sections)
+    config.yaml               the resolved configuration
+    run.log                   everything logged through ``run.log``
+    checkpoint.safetensors    the latest checkpoint of a long run (for ``--resume``)
+    artifacts/                patches, UAPs, models, images
+
+Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``),
+so an interrupted run never leaves a half-written result or checkpoint behind.
+``results.json`` is written with ``"status": "running"`` as soon as the run starts, so a
+crashed run is still recognisable as one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import functools
+import io
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import random
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from mmsec import __version__
+from mmsec.errors import MmsecError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from tqdm import tqdm
+
+__all__ = [
+    "CHECKPOINT_FILE",
+    "RESULTS_FILE",
+    "Run",
+    "atomic_open",
+    "environment",
+    "load_tensors",
+    "merge_runs",
+    "render_report",
+    "write_atomic",
+    "write_json_atomic",
+    "write_report_table",
+]
+
+RESULTS_FILE = "results.json"
+REPORT_FILE = "report.md"
+CONFIG_FILE = "config.yaml"
+LOG_FILE = "run.log"
+CHECKPOINT_FILE = "checkpoint.safetensors"
+ARTIFACTS_DIR = "artifacts"
+DEFAULT_ROOT = Path("mmsec-runs")
+
+_CHECKPOINT_META_KEY = "mmsec_checkpoint"
+_RNG_PREFIX = "__rng__."
+_T = TypeVar("_T")
+
+# mkstemp creates files readable by the owner only; results should get the usual
+# permissions. Reading the umask means setting it, so do it once, at import.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open a temporary file beside ``path``; on success fsync it and move it over ``path``.
+
+    If the block raises, the temporary file is removed and ``path`` keeps its old content.
+    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        os.chmod(tmp_name, 0o666 & ~_UMASK)
+        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_dir(target.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
+    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically; returns the path."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_open(path, "wb") as handle:
+        handle.write(payload)
+    return Path(path)
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON data from pydantic models, paths, tensors, numpy values, tuples, sets."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
+        return [_jsonable(v) for v in items]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if hasattr(obj, "model_dump"):  # pydantic model
+        return _jsonable(obj.model_dump(mode="json"))
+    if hasattr(obj, "tolist"):  # torch tensor, numpy array or scalar
+        return _jsonable(obj.tolist())
+    return str(obj)
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (non-finite floats become ``null``)."""
+    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
+    return write_atomic(path, text)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    prepared: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        tensor = tensor.detach()
+        # A CPU tensor may share storage with another entry (tied weights), which
+        # safetensors refuses; a fresh copy is cheap next to the write itself.
+        tensor = tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
+        prepared[name] = tensor.contiguous()
+    text_meta = {
+        str(k): v if isinstance(v, str) else json.dumps(_jsonable(v)) for k, v in metadata.items()
+    }
+    return save(prepared, metadata=text_meta)
+
+
+def load_tensors(
+    path: str | os.PathLike[str], device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Load a safetensors file (never pickle); returns ``(tensors, metadata)``.
+
+    Raises :class:`~mmsec.errors.MmsecError` naming the file when it is missing or unreadable.
+    """
+    from safetensors import safe_open
+
+    source = Path(path)
+    if not source.is_file():
+        raise MmsecError(f"{source}: no such file")
+    try:
+        with safe_open(str(source), framework="pt", device=device) as handle:
+            meta = dict(handle.metadata() or {})
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises several unrelated types for a bad file
+        raise MmsecError(f"{source}: not a readable safetensors file ({exc})") from None
+    return tensors, meta
+
+
+def _capture_rng() -> dict[str, torch.Tensor]:
+    """The torch (CPU and CUDA) and Python RNG states, as tensors for a checkpoint."""
+    import torch
+
+    states = {_RNG_PREFIX + "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for index, state in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"{_RNG_PREFIX}cuda.{index}"] = state
+    version, internal, gauss = random.getstate()
+    states[_RNG_PREFIX + "python"] = torch.tensor(
+        [version, -1 if gauss is None else 1, *internal], dtype=torch.int64
+    )
+    if gauss is not None:
+        states[_RNG_PREFIX + "python_gauss"] = torch.tensor([gauss], dtype=torch.float64)
+    return states
+
+
+def _restore_rng(states: Mapping[str, torch.Tensor]) -> None:
+    import torch
+
+    if _RNG_PREFIX + "torch" in states:
+        torch.set_rng_state(states[_RNG_PREFIX + "torch"].to(torch.uint8))
+    cuda = sorted(k for k in states if k.startswith(_RNG_PREFIX + "cuda."))
+    if cuda and torch.cuda.is_available() and len(cuda) <= torch.cuda.device_count():
+        for key in cuda:
+            index = int(key.rsplit(".", 1)[1])
+            torch.cuda.set_rng_state(states[key].to(torch.uint8), device=index)
+    if _RNG_PREFIX + "python" in states:
+        values = [int(v) for v in states[_RNG_PREFIX + "python"].tolist()]
+        gauss_tensor = states.get(_RNG_PREFIX + "python_gauss")
+        gauss = float(gauss_tensor.item()) if values[1] > 0 and gauss_tensor is not None else None
+        random.setstate((values[0], tuple(values[2:]), gauss))
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _package_versions() -> tuple[tuple[str, Any], ...]:
+    faiss_dists = ("faiss-cpu", "faiss-gpu-cu12", "faiss-gpu-cu11", "faiss-gpu", "faiss")
+    faiss_dist = next((d for d in faiss_dists if _dist_version(d)), None)
+    return (
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        ("mmsec", __version__),
+        ("torch", _dist_version("torch")),
+        ("open_clip", _dist_version("open_clip_torch", "open-clip-torch")),
+        ("faiss", f"{_dist_version(faiss_dist)} ({faiss_dist})" if faiss_dist else None),
+        ("numpy", _dist_version("numpy")),
+    )
+
+
+def environment() -> dict[str, Any]:
+    """Versions and platform for ``results.json`` (missing packages are ``None``)."""
+    env: dict[str, Any] = dict(_package_versions())
+    torch = sys.modules.get("torch")  # only describe CUDA when torch is already in use
+    if torch is not None:
+        env["cuda"] = torch.version.cuda
+        if torch.cuda.is_available():
+            env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class _StderrFormatter(logging.Formatter):
+    """Plain messages for INFO, ``warning: ...`` / ``error: ...`` above it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.WARNING:
+            return f"{record.levelname.lower()}: {message}"
+        return message
+
+
+_run_counter = itertools.count(1)
+
+
+def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
+    logger = logging.getLogger(f"mmsec.run.{next(_run_counter)}")
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    file_handler.setLevel(logging.DEBUG)
+    file_handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    stream_handler = logging.StreamHandler(sys.stderr)
+    stream_handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    stream_handler.setFormatter(_StderrFormatter("%(message)s"))
+    logger.addHandler(file_handler)
+    logger.addHandler(stream_handler)
+    return logger
+
+
+def _progress_enabled() -> bool:
+    """``MMSEC_PROGRESS=0`` disables bars, ``=1`` forces them; default: only on a TTY."""
+    setting = os.environ.get("MMSEC_PROGRESS", "").strip().lower()
+    if setting in ("0", "false", "no", "off"):
+        return False
+    if setting in ("1", "true", "yes", "on"):
+        return True
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _relative_name(name: str, suffix: str) -> Path:
+    """A safe path inside ``artifacts/``: relative, no ``..``, with ``suffix``."""
+    relative = Path(name)
+    if relative.is_absolute() or ".." in relative.parts or not relative.parts:
+        raise ValueError(f"artifact name must be a relative path inside the run: {name!r}")
+    return relative if relative.suffix == suffix else relative.with_name(relative.name + suffix)
+
+
+def _flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float | None]:
+    """Nested metric dicts become ``a.b`` keys; values become floats (non-finite -> None)."""
+    flat: dict[str, float | None] = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten_metrics(value, prefix=f"{name}."))
+            continue
+        if hasattr(value, "item"):  # 0-d tensor or numpy scalar
+            value = value.item()
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(f"metric {name!r} is not a number: {value!r}") from None
+        flat[name] = number if math.isfinite(number) else None
+    return flat
+
+
+class Run:
+    """One command's run folder, logger, timers, progress bars, results and checkpoints.
+
+    Create with :meth:`Run.create`; use as a context manager so a failure is recorded::
+
+        with Run.create(None, "attack", "pgd") as run:
+            run.set("model", "ViT-B-32")
+            with run.timer("fit"):
+                for batch in run.progress(loader, desc="fit"):
+                    ...
+            run.finish({"fooling_rate": 0.93})
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        kind: str,
+        plugin: str | None,
+        *,
+        resume: bool = False,
+        resumed: bool = False,
+        quiet: bool = False,
+    ) -> None:
+        self.dir = Path(directory)
+        self.kind = kind
+        self.plugin = plugin
+        #: ``--resume`` was asked for (long loops then call :meth:`load_checkpoint`).
+        self.resume = resume or resumed
+        #: an existing run folder was reopened.
+        self.resumed = resumed
+        self.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        self.log = _make_logger(self.dir / LOG_FILE, quiet)
+        self.fields: dict[str, Any] = {}
+        self.metrics: dict[str, Any] = {}
+        self.durations: dict[str, float] = {}
+        self.skipped_items: list[dict[str, str]] = []
+        self.report_images: list[str] = []
+        self.sections: list[tuple[str, str]] = []
+        self.status = "running"
+        self.started = _utc_now()
+        self.finished: datetime | None = None
+        self._clock = time.perf_counter()
+        self._closed = False
+        self._write_results()
+        verb = "resuming" if resumed else "run folder"
+        self.log.info("%s: %s", verb, self.dir)
+
+    # -- creation ---------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        out: str | os.PathLike[str] | None,
+        kind: str,
+        plugin: str | None,
+        *,
+        resume: bool = False,
+        quiet: bool = False,
+        root: str | os.PathLike[str] | None = None,
+    ) -> Run:
+        """Make (or, with ``resume``, reopen) a run folder.
+
+        ``out=None`` creates ``<root or ./mmsec-runs>/<UTC timestamp>-<kind>-<plugin>/``.
+        An existing ``out`` that already holds a run is reused only with ``resume=True``;
+        ``resume=True`` on a folder that does not exist yet simply starts a fresh run there.
+        ``quiet`` shows only warnings on stderr (the log file gets everything).
+        """
+        if out is None:
+            if resume:
+                raise UsageError("--resume needs --out pointing to the run folder to continue")
+            return cls(
+                _fresh_dir(Path(root) if root else DEFAULT_ROOT, kind, plugin),
+                kind,
+                plugin,
+                quiet=quiet,
+            )
+        directory = Path(out)
+        if directory.exists() and not directory.is_dir():
+            raise UsageError(f"{directory}: exists and is not a folder")
+        holds_run = (directory / RESULTS_FILE).is_file() or (directory / CHECKPOINT_FILE).is_file()
+        if holds_run and not resume:
+            raise UsageError(
+                f"{directory}: already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        if holds_run:
+            _check_same_run(directory, kind, plugin)
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet)
+
+    # -- context manager --------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is not None and self.status == "running":
+                self.fail(exc)
+        finally:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.dir)!r}, kind={self.kind!r}, plugin={self.plugin!r})"
+
+    def close(self) -> None:
+        """Detach and close the log handlers (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for handler in list(self.log.handlers):
+            self.log.removeHandler(handler)
+            handler.close()
+
+    # -- fields, timing, progress -----------------------------------------------------------
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """``<run>/artifacts``: everything a run produces besides its results and report."""
+        return self.dir / ARTIFACTS_DIR
+
+    def set(self, key: str, value: Any) -> None:
+        """Set a top-level ``results.json`` field (``model``, ``dataset``, ``options``, ...).
+
+        ``"config"`` is special: it is written to ``config.yaml`` instead.
+        """
+        if key in ("metrics", "durations", "status", "artifacts", "skipped_items"):
+            raise ValueError(f"{key!r} is managed by the run itself")
+        self.fields[key] = value
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field set with :meth:`set`."""
+        return self.fields.get(key, default)
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        """Add the block's wall time (seconds) to ``run.durations[name]``."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.durations[name] = self.durations.get(name, 0.0) + time.perf_counter() - start
+
+    def progress(
+        self,
+        iterable: Iterable[_T] | None = None,
+        *,
+        desc: str | None = None,
+        total: int | None = None,
+        unit: str = "it",
+        leave: bool = False,
+    ) -> tqdm:
+        """A tqdm bar with ETA on stderr; off when not a TTY or when ``MMSEC_PROGRESS=0``."""
+        from tqdm.auto import tqdm as tqdm_class
+
+        return tqdm_class(
+            iterable,
+            desc=desc,
+            total=total,
+            unit=unit,
+            leave=leave,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not _progress_enabled(),
+        )
+
+    def skip(self, item: str, reason: str) -> None:
+        """Record an input that was skipped (unreadable image, ...) and log a warning."""
+        self.skipped_items.append({"item": str(item), "reason": reason})
+        self.log.warning("skipped %s: %s", item, reason)
+
+    def add_section(self, title: str, markdown: str) -> None:
+        """Append a ``## title`` section with free markdown to ``report.md``."""
+        self.sections.append((title, markdown))
+
+    # -- artifacts ---------------------------------------------------------------------------
+
+    def save_tensors(
+        self,
+        name: str,
+        tensors: Mapping[str, torch.Tensor],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Save tensors to ``artifacts/<name>.safetensors`` atomically; returns the path.
+
+        Metadata values that are not strings are stored as JSON.
+        """
+        path = self.artifacts_dir / _relative_name(name, ".safetensors")
+        meta = {"mmsec_version": __version__, "kind": self.kind, "plugin": self.plugin or ""}
+        meta.update(metadata or {})
+        return write_atomic(path, safetensors_bytes(tensors, meta))
+
+    def save_image(
+        self, name: str, image: torch.Tensor, scale: int = 1, *, report: bool = False
+    ) -> Path:
+        """Save a ``[3, H, W]`` (or ``[1, H, W]`` / ``[H, W]``) image in ``[0, 1]`` as a PNG.
+
+        ``scale`` enlarges it by nearest neighbour (a 16x16 patch is unreadable at 1x);
+        ``report=True`` also shows it in ``report.md``. Returns the path.
+        """
+        import numpy as np
+        import torch
+        from PIL import Image
+
+        if scale < 1:
+            raise ValueError(f"scale must be >= 1, got {scale}")
+        pixels = image.detach().to("cpu", torch.float32)
+        if pixels.dim() == 2:
+            pixels = pixels.unsqueeze(0)
+        if pixels.dim() != 3 or pixels.shape[0] not in (1, 3):
+            raise ValueError(f"expected an image [3, H, W] or [1, H, W], got {tuple(image.shape)}")
+        data = (pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        data = np.ascontiguousarray(data[:, :, 0] if data.shape[2] == 1 else data)
+        picture = Image.fromarray(data)
+        if scale > 1:
+            picture = picture.resize(
+                (picture.width * scale, picture.height * scale), Image.Resampling.NEAREST
+            )
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        path = write_atomic(self.artifacts_dir / _relative_name(name, ".png"), buffer.getvalue())
+        if report:
+            self.report_images.append(path.relative_to(self.dir).as_posix())
+        return path
+
+    def add_figure(self, name: str, figure: Any, *, dpi: int = 120) -> Path:
+        """Save a matplotlib figure as ``artifacts/<name>.png`` and show it in the report."""
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+        path = write_atomic(self.artifacts_dir / _relative_name(name, ".png"), buffer.getvalue())
+        self.report_images.append(path.relative_to(self.dir).as_posix())
+        return path
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        """``<run>/checkpoint.safetensors``."""
+        return self.dir / CHECKPOINT_FILE
+
+    def save_checkpoint(
+        self, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, rng: bool = True
+    ) -> Path:
+        """Atomically write ``state`` and JSON-able ``meta`` (epoch, step, ...) as a checkpoint.
+
+        With ``rng`` the torch, CUDA and Python RNG states are saved too and restored by
+        :meth:`load_checkpoint`, so a resumed run draws the same random numbers.
+        """
+        try:
+            meta_text = json.dumps(dict(meta), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"checkpoint meta must be JSON-able: {exc}") from None
+        clash = [k for k in state if k.startswith(_RNG_PREFIX)]
+        if clash:
+            raise ValueError(f"checkpoint state key {clash[0]!r} uses the reserved prefix")
+        tensors = dict(state)
+        if rng:
+            tensors.update(_capture_rng())
+        header = {
+            _CHECKPOINT_META_KEY: meta_text,
+            "kind": self.kind,
+            "plugin": self.plugin or "",
+            "mmsec_version": __version__,
+        }
+        path = write_atomic(self.checkpoint_path, safetensors_bytes(tensors, header))
+        self.log.debug("checkpoint saved: %s", json.dumps(dict(meta))[:200])
+        return path
+
+    def load_checkpoint(
+        self, device: str = "cpu", *, restore_rng: bool = True
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The saved ``(state, meta)``, or ``None`` (and a log line) when there is none.
+
+        Loaded with safetensors only (no pickle). Restores the RNG states saved with it.
+        """
+        if not self.checkpoint_path.is_file():
+            if self.resume:
+                self.log.info("no checkpoint in %s; starting fresh", self.dir)
+            return None
+        tensors, header = load_tensors(self.checkpoint_path, device=device)
+        if _CHECKPOINT_META_KEY not in header:
+            raise MmsecError(f"{self.checkpoint_path}: not an mmsec checkpoint")
+        try:
+            meta = json.loads(header[_CHECKPOINT_META_KEY])
+        except json.JSONDecodeError:
+            raise MmsecError(f"{self.checkpoint_path}: corrupt checkpoint metadata") from None
+        rng_states = {k: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)}
+        state = {k: v for k, v in tensors.items() if not k.startswith(_RNG_PREFIX)}
+        if restore_rng:
+            _restore_rng({k: v.cpu() for k, v in rng_states.items()})
+        self.log.info("resumed from checkpoint (%s)", json.dumps(meta)[:200])
+        return state, meta
+
+    # -- results -----------------------------------------------------------------------------
+
+    def _artifact_list(self) -> list[str]:
+        if not self.artifacts_dir.is_dir():
+            return []
+        return sorted(
+            p.relative_to(self.dir).as_posix()
+            for p in self.artifacts_dir.rglob("*")
+            if p.is_file() and not p.name.startswith(".")
+        )
+
+    def results(self) -> dict[str, Any]:
+        """The ``results.json`` content as it stands now."""
+        fields = {k: v for k, v in self.fields.items() if k != "config"}
+        results: dict[str, Any] = {
+            "mmsec_version": __version__,
+            "kind": self.kind,
+            "plugin": self.plugin,
+            "plugin_version": fields.pop("plugin_version", None),
+            "model": fields.pop("model", None),
+            "pretrained": fields.pop("pretrained", None),
+            "dataset": fields.pop("dataset", None),
+            "split": fields.pop("split", None),
+            "options": _jsonable(fields.pop("options", None) or {}),
+            "seed": fields.pop("seed", None),
+            "metrics": _flatten_metrics(self.metrics),
+            "durations": {k: round(v, 6) for k, v in self.durations.items()},
+            "device": _jsonable(fields.pop("device", None)),
+            "precision": fields.pop("precision", None),
+            "environment": environment(),
+            "skipped_items": list(self.skipped_items),
+            "skipped_count": int(fields.pop("skipped_count", 0)) + len(self.skipped_items),
+            "run_dir": str(self.dir),
+            "artifacts": self._artifact_list(),
+            "status": self.status,
+            "started": _iso(self.started),
+            "finished": _iso(self.finished) if self.finished else None,
+        }
+        if self.resumed:
+            results["resumed"] = True
+        results.update(_jsonable(fields))  # extra fields, after the standard ones
+        return results
+
+    def _write_results(self) -> dict[str, Any]:
+        results = self.results()
+        write_json_atomic(self.dir / RESULTS_FILE, results)
+        return results
+
+    def _config(self) -> dict[str, Any]:
+        if "config" in self.fields:
+            return _jsonable(self.fields["config"])
+        keys = ("model", "pretrained", "dataset", "split", "seed", "device", "precision")
+        config = {"kind": self.kind, "plugin": self.plugin}
+        config.update({k: _jsonable(self.fields.get(k)) for k in keys})
+        config["options"] = _jsonable(self.fields.get("options") or {})
+        return config
+
+    def _write_outputs(self) -> dict[str, Any]:
+        import yaml
+
+        self.finished = _utc_now()
+        self.durations.setdefault("total", time.perf_counter() - self._clock)
+        results = self._write_results()
+        write_atomic(self.dir / REPORT_FILE, render_report(results, self))
+        write_atomic(
+            self.dir / CONFIG_FILE,
+            yaml.safe_dump(self._config(), sort_keys=False, allow_unicode=True),
+        )
+        return results
+
+    def finish(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Record ``metrics`` and write ``results.json``, ``report.md`` and ``config.yaml``.
+
+        Nested metric dicts are flattened to ``a.b`` keys; values must be numbers.
+        Returns the results dict.
+        """
+        self.metrics.update(metrics or {})
+        _flatten_metrics(self.metrics)  # fail before writing anything
+        self.status = "completed"
+        results = self._write_outputs()
+        self.log.info("results: %s", self.dir / RESULTS_FILE)
+        return results
+
+    def fail(self, exc: BaseException) -> dict[str, Any]:
+        """Record a failure (``status`` "failed", or "interrupted" on Ctrl-C) and write outputs."""
+        self.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+        self.fields["error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            _flatten_metrics(self.metrics)
+        except TypeError:
+            self.metrics = {}
+        results = self._write_outputs()
+        self.log.error("run %s: %s", self.status, self.fields["error"])
+        return results
+
+
+def _fresh_dir(root: Path, kind: str, plugin: str | None) -> Path:
+    stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
+    base = "-".join(_slug(p) for p in (stamp, kind, plugin) if p)
+    root.mkdir(parents=True, exist_ok=True)
+    for attempt in itertools.count(1):
+        candidate = root / (base if attempt == 1 else f"{base}-{attempt}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        return candidate
+    raise AssertionError("unreachable")
+
+
+def _check_same_run(directory: Path, kind: str, plugin: str | None) -> None:
+    """Refuse to resume a folder that holds a different kind of run."""
+    results_path = directory / RESULTS_FILE
+    if not results_path.is_file():
+        return
+    previous = _read_results(results_path)
+    if previous.get("kind") != kind or (previous.get("plugin") or None) != (plugin or None):
+        raise UsageError(
+            f"{directory}: holds a {previous.get('kind')} run of plugin "
+            f"{previous.get('plugin')!r}, cannot resume it as {kind} {plugin!r}"
+        )
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _cell(value: Any) -> str:
+    """A markdown table cell: numbers compact, pipes and newlines escaped."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif isinstance(value, (dict, list)):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    lines = [
+        "| " + " | ".join(_cell(h) for h in header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render_report(results: Mapping[str, Any], run: Run | None = None) -> str:
+    """The markdown report of one run: settings, options, metrics, images, extra sections."""
+    title = " ".join(str(p) for p in (results.get("kind"), results.get("plugin")) if p)
+    total = (results.get("durations") or {}).get("total")
+    lines = [f"# mmsec {title}", ""]
+    status = f"Status: **{results.get('status')}**, started {results.get('started')}"
+    if total is not None:
+        status += f", took {total:.1f} s"
+    lines += [status + ".", ""]
+    if results.get("error"):
+        lines += [f"Error: `{results['error']}`", ""]
+    settings = [
+        "model", "pretrained", "dataset", "split", "seed", "device", "precision",
+        "plugin_version", "mmsec_version",
+    ]  # fmt: skip
+    lines += [
+        "## Settings",
+        "",
+        _md_table(["setting", "value"], [(k, results.get(k)) for k in settings]),
+        "",
+    ]
+    options = results.get("options") or {}
+    if options:
+        lines += ["## Options", "", _md_table(["option", "value"], options.items()), ""]
+    metrics = results.get("metrics") or {}
+    if metrics:
+        lines += ["## Metrics", "", _md_table(["metric", "value"], metrics.items()), ""]
+    durations = results.get("durations") or {}
+    if durations:
+        timing = [(k, f"{v:.2f}") for k, v in durations.items()]
+        lines += ["## Durations (s)", "", _md_table(["step", "seconds"], timing), ""]
+    if run is not None:
+        images = list(dict.fromkeys(run.report_images))
+        if images:
+            lines += ["## Images", ""]
+            lines += [f"![{Path(image).stem}]({image})" for image in images]
+            lines.append("")
+        for section_title, body in run.sections:
+            lines += [f"## {section_title}", "", body.rstrip(), ""]
+    skipped = results.get("skipped_items") or []
+    if skipped:
+        rows = [(s.get("item"), s.get("reason")) for s in skipped]
+        lines += [f"## Skipped items ({len(skipped)})", "", _md_table(["item", "reason"], rows), ""]
+    artifacts = results.get("artifacts") or []
+    if artifacts:
+        lines += ["## Artifacts", ""] + [f"- [{a}]({a})" for a in artifacts] + [""]
+    env = results.get("environment") or {}
+    if env:
+        lines += ["## Environment", "", _md_table(["package", "version"], env.items()), ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MmsecError(f"{path}: corrupt results file ({exc})") from None
+    if not isinstance(data, dict):
+        raise MmsecError(f"{path}: corrupt results file (not a JSON object)")
+    return data
+
+
+def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Run folders from the arguments: a run folder, its results.json, or a folder of runs."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file() and path.name == RESULTS_FILE:
+            found.append(path.parent)
+        elif (path / RESULTS_FILE).is_file():
+            found.append(path)
+        elif path.is_dir() and (
+            children := sorted(p.parent for p in path.glob(f"*/{RESULTS_FILE}"))
+        ):
+            found.extend(children)
+        elif not path.exists():
+            raise UsageError(f"{path}: no such run folder")
+        else:
+            raise UsageError(f"{path}: not a run folder (no {RESULTS_FILE})")
+    return found
+
+
+def _format_option(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def merge_runs(
+    run_dirs: Sequence[str | os.PathLike[str]],
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """One row per run for ``mmsec report``; returns ``(rows, columns)``.
+
+    Columns: ``run, kind, plugin, model, pretrained, dataset, split, seed, status, options``
+    (``k=v`` pairs) and then every metric seen, in order of first appearance. A folder of
+    runs (such as ``mmsec-runs/``) expands to the runs inside it. A folder without
+    ``results.json`` raises :class:`UsageError`; an unreadable one :class:`MmsecError`.
+    """
+    base = ["run", "kind", "plugin", "model", "pretrained", "dataset", "split", "seed", "status",
+            "options"]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    metric_columns: dict[str, None] = {}
+    for directory in _expand_runs(run_dirs):
+        results = _read_results(directory / RESULTS_FILE)
+        options = results.get("options") or {}
+        if not isinstance(options, dict):
+            raise MmsecError(f"{directory / RESULTS_FILE}: corrupt results file (bad options)")
+        row: dict[str, Any] = {"run": str(directory)}
+        row.update({k: results.get(k) for k in base[1:-1]})
+        row["options"] = " ".join(f"{k}={_format_option(v)}" for k, v in options.items())
+        metrics = results.get("metrics") or {}
+        if not isinstance(metrics, dict):
+            raise MmsecError(f"{directory / RESULTS_FILE}: corrupt results file (bad metrics)")
+        for name, value in metrics.items():
+            metric_columns.setdefault(name, None)
+            row[name] = value
+        rows.append(row)
+    return rows, base + [m for m in metric_columns if m not in base]
+
+
+def write_report_table(
+    rows: Sequence[Mapping[str, Any]],
+    csv_path: str | os.PathLike[str] | None = None,
+    md: bool = True,
+    columns: Sequence[str] | None = None,
+) -> str:
+    """Render merged runs; write a CSV to ``csv_path`` (atomically) when given.
+
+    Returns the markdown table when ``md`` is true, else the CSV text. ``columns`` defaults
+    to the union of the rows' keys in order of first appearance.
+    """
+    if columns is None:
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
+    csv_text = buffer.getvalue()
+    if csv_path is not None:
+        write_atomic(csv_path, csv_text)
+    if not md:
+        return csv_text
+    return _md_table(columns, [[row.get(c) for c in columns] for row in rows]) + "\n"

@@ -1,0 +1,1 @@
+"""mmsec's built-in plugins (installed as ``mmsec_plugins``), each registered by an entry point."""
