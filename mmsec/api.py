@@ -90,7 +90,8 @@ def _data(s: Settings, split: str | None = None, limit: int | None = None,
 
 
 def _finish(ctx: RunContext, metrics: Mapping[str, float], started: float) -> dict:
-    ctx.set("images_encoded", ctx.cache.stats.encoded)
+    ctx.set("images_encoded", ctx.cache.stats.encoded_by_kind.get("image", 0))
+    ctx.set("texts_encoded", ctx.cache.stats.encoded_by_kind.get("text", 0))
     ctx.set("cache_hits", ctx.cache.stats.hits)
     ctx.durations["total"] = round(time.perf_counter() - started, 3)
     results = ctx.run.finish(dict(metrics))
@@ -109,10 +110,24 @@ def _bank(s: Settings, ctx: RunContext, n: int) -> ImageDataset | None:
     return ds if ds.classnames else None
 
 
+def _trigger(path: str | Path) -> tuple[Any, Artifact]:
+    """``(attack plugin instance, artifact)`` for a saved targeted artifact (trigger spec)."""
+    artifact = Artifact.load(path)
+    if "target_name" not in artifact.meta and "target" not in artifact.meta:
+        raise UsageError(f"{path}: not a trigger spec (the artifact has no target)")
+    return get_registry().attack(artifact.plugin)(artifact.meta.get("options", {})), artifact
+
+
 # --------------------------------------------------------------------------- eval
 def eval(settings: Settings | None = None, *, attack_artifact: str | None = None,
-         knn_bank: int = 2000) -> dict:
-    """Clean metrics of a model on a dataset; with ``attack_artifact``, its effect too."""
+         trigger: str | None = None, knn_bank: int = 2000) -> dict:
+    """Clean metrics of a model on a dataset; with ``attack_artifact``, its effect too.
+
+    ``trigger`` is a targeted artifact (a backdoor's trigger spec): it is applied with
+    its plugin and ``clean_acc`` (CA) and ``asr`` are reported, always with the real trigger.
+    """
+    if attack_artifact and trigger:
+        raise UsageError("give either --attack-artifact or --trigger, not both")
     s = settings or Settings()
     started = time.perf_counter()
     ctx, model = _open("eval", None, s)
@@ -122,10 +137,13 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
         with ctx.timer("evaluate"):
             metrics = evaluate.evaluate_model(model, ds, ctx.cache, bank=bank,
                                               progress=not s.quiet)
-        if attack_artifact:
-            artifact = Artifact.load(attack_artifact)
-            atk = get_registry().attack(artifact.plugin)(artifact.meta.get("options", {}))
-            ctx.set("attack_artifact", str(attack_artifact))
+        if attack_artifact or trigger:
+            if trigger:
+                atk, artifact = _trigger(trigger)
+            else:
+                artifact = Artifact.load(attack_artifact)
+                atk = get_registry().attack(artifact.plugin)(artifact.meta.get("options", {}))
+            ctx.set("trigger" if trigger else "attack_artifact", str(attack_artifact or trigger))
             ctx.set("plugin", artifact.plugin)
             with ctx.timer("attack_eval"):
                 metrics.update(evaluate.evaluate_attack(
@@ -156,21 +174,39 @@ def attack(plugin: str, settings: Settings | None = None, *,
             artifact.meta.setdefault("options", atk.options.model_dump())
             path = artifact.save(ctx.artifacts_dir / f"{plugin}.safetensors")
             ctx.set("attack_artifact", str(path))
-        model_path = artifact.runtime.get("model_path")
-        if model_path:
-            ctx.set("model_checkpoint", str(model_path))
-        with ctx.timer("evaluate"):
-            metrics = evaluate.evaluate_attack(
-                model, test, atk, artifact, ctx.cache, control=atk.control(artifact, s.seed),
-                bank=_bank(s, ctx, knn_bank), progress=ctx.progress)
+        bank = _bank(s, ctx, knn_bank)
+        control = atk.control(artifact, s.seed)
+        victim = artifact.runtime.get("backdoored_model")
+        if victim is not None:  # the attack changed the model itself (a backdoor implant)
+            path = victim.save(ctx.artifacts_dir / "model.safetensors")
+            ctx.set("model_checkpoint", str(path))
+            with ctx.timer("evaluate"):
+                metrics = evaluate.evaluate_attack(victim, test, atk, artifact, ctx.cache,
+                                                   control=control, bank=bank,
+                                                   progress=ctx.progress)
+                # the same trigger on the original model: the backdoor's baseline
+                base = evaluate.evaluate_attack(model, test, atk, artifact, ctx.cache,
+                                                progress=ctx.progress)
+            metrics.update({f"original_{k}": v for k, v in base.items()
+                            if k in ("clean_acc", "asr", "clean_top1", "adv_top1")})
+        else:
+            with ctx.timer("evaluate"):
+                metrics = evaluate.evaluate_attack(model, test, atk, artifact, ctx.cache,
+                                                   control=control, bank=bank,
+                                                   progress=ctx.progress)
         metrics.update(artifact.runtime.get("metrics", {}))
         return _finish(ctx, metrics, started)
 
 
 # --------------------------------------------------------------------------- defend
 def defend(plugin: str, settings: Settings | None = None, *,
-           options: Mapping[str, Any] | None = None, clean_items: int = 1000) -> dict:
-    """Apply defense ``plugin`` with a small clean train sample; save and measure the result."""
+           options: Mapping[str, Any] | None = None, clean_items: int = 1000,
+           trigger: str | None = None) -> dict:
+    """Apply defense ``plugin`` with a small clean train sample; save and measure the result.
+
+    With ``trigger`` (a backdoor's trigger spec), CA and ASR with the real trigger are
+    measured before and after. The defense itself never sees the trigger.
+    """
     s = settings or Settings()
     started = time.perf_counter()
     cls = get_registry().defense(plugin)
@@ -184,11 +220,19 @@ def defend(plugin: str, settings: Settings | None = None, *,
         clean = _data(s, "train", clean_items, ctx=ctx)
         test = _data(s, limit=s.limit, ctx=ctx)
         before = evaluate.evaluate_model(model, test, ctx.cache, progress=not s.quiet)
+        trig = _trigger(trigger) if trigger else None
+        if trig is not None:
+            ctx.set("trigger", str(trigger))
+            before.update(evaluate.evaluate_attack(model, test, *trig, ctx.cache,
+                                                   progress=ctx.progress))
         with ctx.timer("defend"):
             repaired = dfn.apply(model, clean, ctx)
         path = repaired.save(ctx.artifacts_dir / "model.safetensors")
         ctx.set("model_checkpoint", str(path))
         after = evaluate.evaluate_model(repaired, test, ctx.cache, progress=not s.quiet)
+        if trig is not None:
+            after.update(evaluate.evaluate_attack(repaired, test, *trig, ctx.cache,
+                                                  progress=ctx.progress))
         metrics = {**{f"before_{k}": v for k, v in before.items()},
                    **{f"after_{k}": v for k, v in after.items()}, **ctx.metrics}
         return _finish(ctx, metrics, started)
@@ -223,13 +267,14 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
         s = Settings(model=model, pretrained=pretrained, data=st.data, split=st.split,
                      device=st.device, precision=st.precision, seed=st.seed,
                      out=root / st.id, quiet=quiet)
+        art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
+        trig = produced[st.trigger_from].get("attack_artifact") if st.trigger_from else None
         if st.kind == "attack":
             res = attack(st.plugin, s, options=st.options)
         elif st.kind == "defend":
-            res = defend(st.plugin, s, options=st.options)
+            res = defend(st.plugin, s, options=st.options, trigger=trig)
         else:
-            art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
-            res = eval(s, attack_artifact=art)
+            res = eval(s, attack_artifact=art, trigger=trig)
         produced[st.id] = res
         results.append(res)
     rows, columns = merge_runs([root / st.id for st in steps])

@@ -340,10 +340,13 @@ class CacheStats:
     encoded: int = 0
     written: int = 0
     corrupt_shards: int = 0
+    #: ``encoded`` split by kind ("image", "text", ...)
+    encoded_by_kind: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         """Set every counter to zero."""
         self.hits = self.misses = self.encoded = self.written = self.corrupt_shards = 0
+        self.encoded_by_kind = {}
 
     def as_dict(self) -> dict[str, int]:
         """Return the counters as a plain dict."""
@@ -665,6 +668,9 @@ class EmbeddingCache:
                 assert out is not None
                 out[torch.tensor(idx, dtype=torch.long)] = torch.from_numpy(vecs)
                 self.stats.encoded += len(idx)
+                self.stats.encoded_by_kind[kind] = self.stats.encoded_by_kind.get(kind, 0) + len(
+                    idx
+                )
                 pending_keys.extend(keys[i] for i in idx)
                 pending_vecs.append(vecs)
                 pending += len(idx)

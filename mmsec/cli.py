@@ -147,15 +147,17 @@ def main() -> None:
 @common_options
 @click.option("--attack-artifact", type=click.Path(), default=None,
               help="apply a saved attack artifact (e.g. a patch) and measure its effect")
+@click.option("--trigger", type=click.Path(), default=None,
+              help="a backdoor trigger spec: report clean accuracy (CA) and ASR with it")
 @click.option("--knn-bank", type=int, default=2000, show_default=True,
               help="train items used as the kNN bank (0: no kNN metrics)")
 @handle_errors
-def eval_cmd(attack_artifact, knn_bank, as_json, **kw):
+def eval_cmd(attack_artifact, trigger, knn_bank, as_json, **kw):
     """Measure a model on a dataset (zero-shot, kNN, retrieval); optionally under an attack."""
     from . import api
 
-    _print_results(api.eval(_settings(kw), attack_artifact=attack_artifact, knn_bank=knn_bank),
-                   as_json)
+    _print_results(api.eval(_settings(kw), attack_artifact=attack_artifact, trigger=trigger,
+                            knn_bank=knn_bank), as_json)
 
 
 @main.command("attack")

@@ -15,6 +15,7 @@ import torch
 from . import metrics
 from .cache import EmbeddingCache, VectorIndex, content_hash
 from .data import ImageDataset
+from .errors import MmsecError
 
 DEFAULT_BATCH = 256
 
@@ -119,12 +120,29 @@ def attacked_embeddings(model, attack, artifact, ds: ImageDataset, *,
     return torch.cat(out)
 
 
+def resolve_target(artifact, ds: ImageDataset) -> int | None:
+    """The class index a targeted artifact (a backdoor trigger) aims at, in ``ds``'s classes.
+
+    Artifacts carry ``meta["target_name"]`` (matched by name, so a trigger made on one
+    split or dataset evaluates on another) and/or ``meta["target"]`` (an index).
+    """
+    name, index = artifact.meta.get("target_name"), artifact.meta.get("target")
+    if name is not None and ds.classnames and name in ds.classnames:
+        return ds.classnames.index(name)
+    if name is not None and ds.classnames:
+        raise MmsecError(f"the trigger targets class {name!r}, which {ds.describe()} lacks "
+                         f"(classes: {', '.join(ds.classnames[:10])} ...)")
+    return None if index is None else int(index)
+
+
 def attack_metrics(model, ds: ImageDataset, clean_emb: torch.Tensor, adv_emb: torch.Tensor,
                    *, prefix: str = "", bank: tuple[torch.Tensor, torch.Tensor] | None = None,
-                   cache: EmbeddingCache | None = None) -> dict[str, float]:
+                   cache: EmbeddingCache | None = None, target: int | None = None,
+                   ) -> dict[str, float]:
     """Zero-shot, kNN and retrieval effects of replacing ``clean_emb`` with ``adv_emb``.
 
     Keys (with ``prefix``): ``clean_top1``, ``adv_top1``, ``fooling_rate``;
+    ``clean_acc`` (CA) and ``asr`` when the attack has a ``target`` class;
     ``knn_fooling_rate`` when ``bank = (bank_emb, bank_labels)``; retrieval
     ``adv_i2t_r1`` ... and ``retrieval_asr_*`` when the data has captions.
     """
@@ -136,6 +154,9 @@ def attack_metrics(model, ds: ImageDataset, clean_emb: torch.Tensor, adv_emb: to
         out["clean_top1"] = metrics.clean_accuracy(clean_pred, labels)
         out["adv_top1"] = metrics.clean_accuracy(adv_pred, labels)
         out["fooling_rate"] = metrics.fooling_rate(clean_pred, adv_pred)
+        if target is not None:
+            out["clean_acc"] = out["clean_top1"]
+            out["asr"] = metrics.attack_success_rate(adv_pred, labels, target)
     if bank is not None:
         index = VectorIndex(bank[0])
         out["knn_fooling_rate"] = metrics.knn_fooling_rate(
@@ -164,13 +185,15 @@ def evaluate_attack(model, ds: ImageDataset, attack, artifact, cache: EmbeddingC
     if bank is not None:
         bank_t = (encode_images(model, bank, cache, batch_size=batch_size,
                                 progress=progress is not None), bank.labels())
+    target = resolve_target(artifact, ds)
     adv = attacked_embeddings(model, attack, artifact, ds, batch_size=batch_size,
                               progress=progress, desc="attack")
-    out = attack_metrics(model, ds, clean, adv, bank=bank_t, cache=cache)
+    out = attack_metrics(model, ds, clean, adv, bank=bank_t, cache=cache, target=target)
     if control is not None:
         ctrl = attacked_embeddings(model, attack, control, ds, batch_size=batch_size,
                                    progress=progress, desc="control")
         out.update({k: v for k, v in attack_metrics(model, ds, clean, ctrl, prefix="control_",
-                                                     bank=bank_t, cache=cache).items()
+                                                     bank=bank_t, cache=cache,
+                                                     target=target).items()
                     if not k.startswith("control_clean")})
     return out

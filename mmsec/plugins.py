@@ -16,6 +16,7 @@ distribution; the others keep working.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -49,8 +50,7 @@ class PluginInfo:
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        kinds = sorted({k.rstrip("s").replace("defense", "defense") for k, v in self.items.items()
-                        if v})
+        kinds = sorted({k[:-1] for k, v in self.items.items() if v})
         return {"name": self.name, "kinds": kinds, "items": {k: v for k, v in self.items.items()
                                                             if v},
                 "module": self.module, "distribution": self.distribution,
@@ -96,45 +96,64 @@ class Registry:
         return True
 
     def collect(self) -> None:
-        """Call each plugin's register hooks one by one, so a raising plugin is named and skipped."""
-        for kind in KINDS[:-1]:
-            caller = getattr(self.pm.hook, f"register_{kind}")
-            for impl in caller.get_hookimpls():
-                info = self.plugins[impl.plugin_name]
-                if info.error:
-                    continue
-                try:
-                    impl.function(register=self._registrar(kind, info))
-                except Exception as exc:  # a third-party hook may raise anything
-                    info.error = f"register_{kind} raised {type(exc).__name__}: {exc}"
-                    log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info),
-                                info.error)
+        """Call every plugin's register hooks, one plugin at a time.
 
-    def _registrar(self, kind: str, info: PluginInfo):
-        table = getattr(self, kind)
+        A plugin's items are staged and committed only when all its hooks succeed, so a
+        plugin that raises (and is reported by name) leaves nothing half-registered.
+        """
+        impls = {kind: {i.plugin_name: i for i in
+                        getattr(self.pm.hook, f"register_{kind}").get_hookimpls()}
+                 for kind in KINDS[:-1]}
+        for name, info in list(self.plugins.items()):
+            if info.error or not self.pm.has_plugin(name):
+                continue
+            staged: list[tuple[str, Any]] = []
+            hook = ""
+            try:
+                for kind in KINDS[:-1]:
+                    hook = f"register_{kind}"
+                    impl = impls[kind].get(name)
+                    if impl is None:
+                        continue
+                    if impl.hookwrapper or impl.wrapper:
+                        raise TypeError(f"register_{kind} must be a plain hook, not a wrapper")
+                    stage = self._stager(kind, staged)
+                    impl.function(**{arg: stage for arg in impl.argnames})
+            except Exception as exc:  # a third-party hook may raise anything
+                info.error = f"{hook} raised {type(exc).__name__}: {exc}"
+                log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info), info.error)
+                continue
+            for kind, item in staged:
+                self._commit(kind, item, info)
 
+    def _stager(self, kind: str, staged: list[tuple[str, Any]]):
         def register(item: Any, function: Any = None, description: str = "") -> None:
             if kind == "metrics":
-                item = MetricSource(str(item), function, description, plugin=info.name)
+                item = MetricSource(str(item), function, description)
             name = getattr(item, "name", None)
             if not isinstance(name, str) or not name:
                 raise TypeError(f"{kind[:-1]} registered without a string `name`: {item!r}")
             if kind in ("attacks", "defenses"):
                 _check_plugin_class(item, kind)
-            if name in table:
-                log.warning('plugin "%s" registers %s "%s" already registered by "%s"; keeping '
-                            "the first", info.name, kind[:-1], name, self.owner[(kind, name)])
-                return
-            if kind == "datasets" and getattr(item, "plugin", "mmsec") != info.name:
-                try:
-                    item = type(item)(**{**item.__dict__, "plugin": info.name})
-                except TypeError:
-                    pass
-            table[name] = item
-            self.owner[(kind, name)] = info.name
-            info.items.setdefault(kind, []).append(name)
+            staged.append((kind, item))
 
         return register
+
+    def _commit(self, kind: str, item: Any, info: PluginInfo) -> None:
+        table = getattr(self, kind)
+        name = item.name
+        if name in table:
+            log.warning('plugin "%s" registers %s "%s" already registered by "%s"; keeping '
+                        "the first", info.name, kind[:-1], name, self.owner[(kind, name)])
+            return
+        if kind in ("datasets", "metrics") and getattr(item, "plugin", None) != info.name:
+            try:
+                item = dataclasses.replace(item, plugin=info.name)
+            except TypeError:
+                pass
+        table[name] = item
+        self.owner[(kind, name)] = info.name
+        info.items.setdefault(kind, []).append(name)
 
     def add_commands(self, cli: Any) -> None:
         for impl in self.pm.hook.register_commands.get_hookimpls():
@@ -166,7 +185,10 @@ class Registry:
             raise PluginError(f'plugin "{name}"{_dist_note(failed[0])} failed to load: '
                               f"{failed[0].error}")
         known = ", ".join(sorted(table)) or "none"
-        raise UsageError(f"unknown {kind[:-1]} plugin {name!r} (available: {known})")
+        broken = [p.name for p in self.failures()]
+        note = (f"; {len(broken)} plugin(s) failed to load ({', '.join(broken)}): see "
+                "`mmsec plugins`") if broken else ""
+        raise UsageError(f"unknown {kind[:-1]} plugin {name!r} (available: {known}){note}")
 
     def failures(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.error]
@@ -203,14 +225,21 @@ def load_plugins(selection: str | None = None) -> Registry:
     wanted = None if selection is None else {s.strip() for s in selection.split(",") if s.strip()}
     seen: set[str] = set()
     for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
-        if ep.name in seen or (wanted is not None and ep.name not in wanted):
+        if wanted is not None and ep.name not in wanted:
             continue
-        seen.add(ep.name)
         dist = getattr(ep, "dist", None)
         info = PluginInfo(name=ep.name, module=ep.value,
                           distribution=dist.name if dist else None,
                           version=dist.version if dist else None,
-                          builtin=ep.value.startswith("mmsec_plugins."))
+                          builtin=dist is not None and dist.name == "mmsec")
+        if ep.name in reg.plugins:  # a name clash: never replace what is loaded
+            first = reg.plugins[ep.name]
+            info.error = (f'plugin name "{ep.name}" is already taken by {first.module}'
+                          f"{_dist_note(first)}")
+            log.warning('Plugin "%s"%s not loaded: %s', ep.name, _dist_note(info), info.error)
+            reg.plugins[f"{ep.name} ({info.distribution or ep.value})"] = info
+            continue
+        seen.add(ep.name)
         try:
             module = ep.load()
         except Exception as exc:  # any import-time failure of a third-party module
