@@ -58,6 +58,8 @@ from tqdm.auto import tqdm
 
 from mmsec.errors import MmsecError, UsageError
 
+from .runs import progress_enabled
+
 __all__ = [
     "BACKENDS",
     "CacheStats",
@@ -652,7 +654,8 @@ class EmbeddingCache:
                 pending = 0
 
         bar = tqdm(
-            total=len(todo), desc=desc or f"encode {kind}", unit="item", disable=not progress
+            total=len(todo), desc=desc or f"encode {kind}", unit="item",
+            disable=not (progress and progress_enabled())
         )
         try:
             for start in range(0, len(todo), batch_size):

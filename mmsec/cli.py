@@ -103,8 +103,9 @@ def _print_results(res: dict, as_json: bool) -> None:
 
 
 def _setup_logging(quiet: bool = False) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("mmsec").setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 option_pairs = click.option(
@@ -212,15 +213,20 @@ def run_cmd(recipe, out, as_json, quiet):
 @handle_errors
 def plugins_cmd(as_json):
     """List plugins: name, what they register, distribution and version; failures by name."""
+    from .options import describe_options
     from .plugins import get_registry
 
     reg = get_registry()
+    root = click.get_current_context().find_root().command
+    if isinstance(root, MmsecGroup):
+        root._load_plugins()  # so plugin commands (and their failures) are listed too
     rows = [p.as_dict() for p in reg.plugins.values()]
     for row in rows:
         for kind in ("attacks", "defenses"):
             for name in row["items"].get(kind, []):
                 cls = getattr(reg, kind)[name]
                 row.setdefault("descriptions", {})[name] = cls.description
+                row.setdefault("options", {})[name] = describe_options(cls.Options)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -328,6 +334,7 @@ def zoo_list():
 @click.option("-d", "--data", default=None, help="dataset (procedural, fashion-mnist, ...)")
 @click.option("--epochs", type=int, default=None, help="override the recipe's epochs")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--train-items", type=int, default=None, help="train on N items only")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
               help="where to write NAME.json/.safetensors (default: the installed zoo)")
@@ -335,7 +342,7 @@ def zoo_list():
 @click.option("--resume", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def zoo_train(name, data, epochs, seed, device, out_dir, out, resume, as_json):
+def zoo_train(name, data, epochs, seed, train_items, device, out_dir, out, resume, as_json):
     """Train a zoo model from scratch (the shipped weights come from this command)."""
     from .model import pick_device
     from .runs import Run
@@ -346,7 +353,8 @@ def zoo_train(name, data, epochs, seed, device, out_dir, out, resume, as_json):
     run = Run.create(out, "zoo-train", name, resume=resume)
     with run:
         spec = train_zoo(name, data=data, epochs=epochs, seed=seed, out_dir=Path(out_dir)
-                         if out_dir else None, run=run, device=str(pick_device(device)))
+                         if out_dir else None, run=run, device=str(pick_device(device)),
+                         train_items=train_items)
         run.set("model", f"zoo:{name}")
         run.set("dataset", spec["dataset"])
         run.set("seed", seed)

@@ -178,17 +178,13 @@ def procedural_shapes(
         raise UsageError(f"dataset procedural: unknown split {split!r} (train, test, val)")
     n = n or PROCEDURAL_SIZES[split]
     arr = _procedural_array(seed, split, n, size)
-    attrs = [_procedural_attrs(seed, split, i) for i in range(n)]
+    attrs = [procedural.attributes(seed, split, i) for i in range(n)]
     return TensorDataset(
         torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(),
         torch.tensor([a["label"] for a in attrs]),
         name="procedural", split=split, classnames=list(procedural.SHAPES),
         templates=procedural.TEMPLATES, captions=[procedural.captions(a) for a in attrs],
     )
-
-
-def _procedural_attrs(seed: int, split: str, i: int) -> dict:
-    return procedural.render(seed, split, i, size=4)[1]  # attributes don't depend on size
 
 
 def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
@@ -206,9 +202,11 @@ def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
             log.warning("ignoring unreadable procedural cache file %s", path)
     from tqdm.auto import tqdm
 
+    from .runs import progress_enabled
+
     arr = np.stack([
         procedural.render(seed, split, i, size)[0]
-        for i in tqdm(range(n), desc=f"rendering procedural[{split}]", disable=n < 5000,
+        for i in tqdm(range(n), desc=f"rendering procedural[{split}]", disable=n < 5000 or not progress_enabled(),
                       mininterval=1.0)
     ])
     try:

@@ -27,7 +27,7 @@ def register_datasets(register):
 
 @hookspec
 def register_models(register):
-    """Register model sources: ``register(ModelSource(name, loader, description))``."""
+    """Register model families for ``mmsec models``: ``register(ModelSource(name, list_fn, description))``."""
 
 
 @hookspec

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import MmsecError, UsageError
+
+log = logging.getLogger("mmsec.model")
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 DEFAULT_ZOO = "shapes"
@@ -140,8 +143,19 @@ class ClipModel(nn.Module):
         return self.clip.logit_scale.exp().clamp(max=100)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast context for the configured precision (a no-op in fp32)."""
+        """Autocast context for the configured precision (a no-op in fp32).
+
+        On the CPU, reduced precision runs only with ``MMSEC_CPU_AUTOCAST=1``: torch's CPU
+        bf16 convolutions hang on some processors (seen with torch 2.14 on AMD EPYC), and
+        they are slower than fp32 on CPUs without bf16 units anyway.
+        """
         if self.precision == "fp32":
+            return contextlib.nullcontext()
+        if self.device.type == "cpu" and os.environ.get("MMSEC_CPU_AUTOCAST") != "1":
+            if not getattr(self, "_warned_cpu_precision", False):
+                self._warned_cpu_precision = True
+                log.warning("precision %s requested on the CPU: running fp32 "
+                            "(set MMSEC_CPU_AUTOCAST=1 to force CPU autocast)", self.precision)
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
@@ -285,15 +299,10 @@ class ClipModel(nn.Module):
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
         """Save the weights as safetensors (atomic) with what is needed to load them again."""
-        from safetensors.torch import save_file
+        from .runs import safetensors_bytes, write_atomic
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.clip.state_dict().items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(state, str(tmp), metadata={**self.checkpoint_metadata(), **(extra_metadata or {})})
-        os.replace(tmp, path)
-        return path
+        meta = {**self.checkpoint_metadata(), **(extra_metadata or {})}
+        return write_atomic(path, safetensors_bytes(self.clip.state_dict(), meta))
 
     def train(self, mode: bool = True) -> ClipModel:
         super().train(mode)

@@ -86,6 +86,23 @@ def _texture(texture: str, x: np.ndarray, y: np.ndarray, phase: float) -> np.nda
     raise ValueError(f"unknown texture {texture!r}")
 
 
+def _draw_attributes(rng: np.random.Generator, index: int) -> dict:
+    """The item's attributes: the first draws of its generator (``render`` continues it)."""
+    label = index % len(SHAPES)
+    return {
+        "label": label, "shape": SHAPES[label],
+        "colour": list(COLOURS)[rng.integers(len(COLOURS))],
+        "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        "size": SIZES[rng.integers(len(SIZES))],
+        "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
+    }
+
+
+def attributes(seed: int, split: str, index: int) -> dict:
+    """Attributes of one item without rendering it (identical to ``render(...)[1]``)."""
+    return _draw_attributes(np.random.default_rng([seed, _SPLIT_IDS[split], index]), index)
+
+
 def render(seed: int, split: str, index: int, size: int = 32) -> tuple[np.ndarray, dict]:
     """Render one item: ``(uint8 image [size, size, 3], attributes dict)``.
 
@@ -93,12 +110,9 @@ def render(seed: int, split: str, index: int, size: int = 32) -> tuple[np.ndarra
     drawn from a generator seeded by ``(seed, split, index)``.
     """
     rng = np.random.default_rng([seed, _SPLIT_IDS[split], index])
-    label = index % len(SHAPES)
-    shape = SHAPES[label]
-    colour = list(COLOURS)[rng.integers(len(COLOURS))]
-    texture = TEXTURES[rng.integers(len(TEXTURES))]
-    size_name = SIZES[rng.integers(len(SIZES))]
-    position = list(POSITIONS)[rng.integers(len(POSITIONS))]
+    attrs = _draw_attributes(rng, index)
+    shape, colour, size_name, position = (attrs[k] for k in ("shape", "colour", "size", "position"))
+    texture = attrs["texture"]
 
     hi = size * 2
     grid = (np.arange(hi) + 0.5) / hi * 2 - 1  # [-1, 1]
@@ -124,10 +138,6 @@ def render(seed: int, split: str, index: int, size: int = 32) -> tuple[np.ndarra
     shade = np.where(pattern[..., None], fg * 0.45, fg)
     img = np.where(mask[..., None], shade, img)
     img = img.reshape(size, 2, size, 2, 3).mean(axis=(1, 3))
-    attrs = {
-        "label": label, "shape": shape, "colour": colour, "texture": texture,
-        "size": size_name, "position": position,
-    }
     return (img * 255 + 0.5).astype(np.uint8), attrs
 
 

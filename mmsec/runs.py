@@ -300,7 +300,7 @@ def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
     return logger
 
 
-def _progress_enabled() -> bool:
+def progress_enabled() -> bool:
     """``MMSEC_PROGRESS=0`` disables bars, ``=1`` forces them; default: only on a TTY."""
     setting = os.environ.get("MMSEC_PROGRESS", "").strip().lower()
     if setting in ("0", "false", "no", "off"):
@@ -514,7 +514,7 @@ class Run:
             leave=leave,
             file=sys.stderr,
             dynamic_ncols=True,
-            disable=not _progress_enabled(),
+            disable=not progress_enabled(),
         )
 
     def skip(self, item: str, reason: str) -> None:

@@ -157,16 +157,29 @@ def test_fingerprint_changes_with_weights():
     assert m.fingerprint != fp
 
 
-def test_bf16_autocast_on_cpu(zoo_model):
+def test_reduced_precision_on_cpu_falls_back_to_fp32(zoo_model, caplog):
     x = torch.rand(4, 3, 32, 32)
     fp32 = zoo_model.encode_image(x)
     zoo_model.precision = "bf16"
     try:
-        bf16 = zoo_model.encode_image(x)
+        with caplog.at_level("WARNING", logger="mmsec.model"):
+            again = zoo_model.encode_image(x)
     finally:
         zoo_model.precision = "fp32"
-    assert bf16.dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(fp32, bf16).min() > 0.97
+    assert torch.equal(fp32, again)
+    assert "running fp32" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_reduced_precision_autocast_on_cuda(precision):
+    model = load_model(device="cuda")
+    x = torch.rand(8, 3, 32, 32)
+    fp32 = model.encode_image(x)
+    model.precision = precision
+    low = model.encode_image(x)
+    assert low.dtype == torch.float32
+    assert torch.nn.functional.cosine_similarity(fp32, low).min() > 0.97
 
 
 def test_open_clip_architecture_random_init():

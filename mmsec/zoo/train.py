@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from .. import losses, metrics
-from ..data import ImageDataset, TensorDataset, load_dataset
+from ..data import ImageDataset, TensorDataset, load_dataset, subset
 from ..model import ZOO_DIR, ClipModel, TrimmedTokenizer, build_zoo_model
-from ..runs import write_atomic
+from ..runs import safetensors_bytes, write_atomic
 from ..train import TrainConfig, seed_everything, train_loop
 
 log = logging.getLogger("mmsec.zoo")
@@ -36,10 +36,10 @@ MODEL_CFG = {
 
 # Per zoo model: the data it learns from and its schedule (tuned on 2 CPU cores).
 ZOO_RECIPES: dict[str, dict] = {
-    "shapes": {"data": "procedural", "epochs": 30, "batch_size": 256, "lr": 2e-3,
+    "shapes": {"data": "procedural", "epochs": 12, "batch_size": 256, "lr": 2e-3,
                "weight_decay": 0.1, "warmup_steps": 100, "flip": False,
                "description": "ModifiedResNet-mini CLIP trained on the procedural shapes set"},
-    "fashion": {"data": "fashion-mnist", "epochs": 6, "batch_size": 256, "lr": 2e-3,
+    "fashion": {"data": "fashion-mnist", "epochs": 3, "batch_size": 256, "lr": 2e-3,
                 "weight_decay": 0.1, "warmup_steps": 100, "flip": True,
                 "description": "ModifiedResNet-mini CLIP trained on Fashion-MNIST"},
 }
@@ -76,6 +76,7 @@ def zero_shot_top1(model: ClipModel, ds: ImageDataset, batch_size: int = 500) ->
 def train_zoo(
     name: str = "shapes", *, data: str | None = None, epochs: int | None = None,
     seed: int = 0, out_dir: Path | None = None, run=None, device: str = "cpu",
+    train_items: int | None = None, test_items: int | None = None,
 ) -> dict:
     """Train zoo model ``name`` and write ``NAME.json`` + ``NAME.safetensors`` to ``out_dir``.
 
@@ -89,8 +90,17 @@ def train_zoo(
     out_dir = Path(out_dir or ZOO_DIR)
     seed_everything(seed)
     started = time.time()
-    train = load_dataset(recipe["data"], split="train", seed=seed)
-    test = load_dataset(recipe["data"], split="test", seed=seed)
+    train = load_dataset(recipe["data"], split="train", seed=seed, n=train_items)
+    test = subset(load_dataset(recipe["data"], split="test", seed=seed, n=test_items),
+                  test_items, seed=seed)
+    if train_items is not None and len(train) > train_items:
+        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        keep = keep[:train_items].sort().values
+        train = TensorDataset(train.images[keep], train.labels()[keep], name=train.name,
+                              split="train", classnames=train.classnames,
+                              templates=train.templates,
+                              captions=[train.captions(int(i)) for i in keep]
+                              if train.has_captions else None)
     if not isinstance(train, TensorDataset):
         raise TypeError("zoo training needs an in-memory dataset (procedural, fashion-mnist)")
     per_item, texts = _caption_table(train)
@@ -144,13 +154,9 @@ def train_zoo(
     spec["metrics"] = {"zero_shot_top1": round(top1, 4), "test_items": len(test)}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / spec["weights"]
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().half().contiguous() if v.is_floating_point() else v.cpu()
              for k, v in model.clip.state_dict().items()}
-    tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file(state, str(tmp))
-    tmp.replace(weights)
+    write_atomic(weights, safetensors_bytes(state, {"format": "mmsec-zoo-v1", "name": name}))
     spec["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     write_atomic(out_dir / f"{name}.json", json.dumps(spec, indent=1))
     log.info("zoo %s: zero-shot top-1 %.4f on %s[test]", name, top1, recipe["data"])
