@@ -165,13 +165,16 @@ def eval_cmd(attack_artifact, trigger, knn_bank, as_json, **kw):
 @plugin_option
 @option_pairs
 @common_options
+@click.option("--knn-bank", type=int, default=2000, show_default=True,
+              help="train items used as the kNN bank (0: no kNN metrics)")
 @handle_errors
-def attack_cmd(plugin, options, as_json, **kw):
+def attack_cmd(plugin, options, knn_bank, as_json, **kw):
     """Fit an attack plugin and measure it against a control."""
     from . import api
     from .options import parse_cli_pairs
 
-    _print_results(api.attack(plugin, _settings(kw), options=parse_cli_pairs(options)), as_json)
+    _print_results(api.attack(plugin, _settings(kw), options=parse_cli_pairs(options),
+                              knn_bank=knn_bank), as_json)
 
 
 @main.command("defend")

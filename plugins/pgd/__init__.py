@@ -63,7 +63,9 @@ class PGD(Attack):
         delta = ((x + delta).clamp(0, 1) - x).detach()
         for _ in range(o.steps):
             delta.requires_grad_(True)
-            loss = F.cross_entropy(model.logits(x + delta, head), labels)
+            # float64 softmax: with CLIP's logit scale (~100) a confident fp32 softmax rounds to
+            # exactly one-hot, the gradient vanishes and sign() stops the attack.
+            loss = F.cross_entropy(model.logits(x + delta, head).double(), labels)
             (grad,) = torch.autograd.grad(loss, delta)
             delta = (delta.detach() + o.step_size * grad.sign()).clamp(-o.eps, o.eps)
             delta = (x + delta).clamp(0, 1) - x
