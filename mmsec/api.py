@@ -60,14 +60,11 @@ def _plugin_version(cls: type) -> str | None:
 
 def _open(kind: str, plugin: str | None, s: Settings) -> tuple[RunContext, ClipModel]:
     seed_everything(s.seed)
+    started = time.perf_counter()
+    # The model loads before the run folder exists: a wrong checkpoint leaves nothing behind.
+    model = load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
     run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet)
-    try:
-        with run.timer("load_model"):
-            model = load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
-    except BaseException as exc:
-        run.fail(exc)
-        run.close()
-        raise
+    run.durations["load_model"] = round(time.perf_counter() - started, 3)
     ctx = RunContext(run, device=pick_device(s.device), precision=s.precision, seed=s.seed,
                      cache=EmbeddingCache(), registry=get_registry(), strict=s.strict)
     for key, value in (("model", model.name), ("pretrained", model.pretrained),

@@ -294,6 +294,9 @@ def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
     )
     stream_handler = logging.StreamHandler(sys.stderr)
     stream_handler.setLevel(logging.WARNING if quiet else logging.INFO)
+    # Records logged with extra={"file_only": True} stay out of the terminal: the CLI prints
+    # the run folder at the end and a failure as its one error line.
+    stream_handler.addFilter(lambda record: not getattr(record, "file_only", False))
     stream_handler.setFormatter(_StderrFormatter("%(message)s"))
     logger.addHandler(file_handler)
     logger.addHandler(stream_handler)
@@ -396,7 +399,7 @@ class Run:
         self._closed = False
         self._write_results()
         verb = "resuming" if resumed else "run folder"
-        self.log.info("%s: %s", verb, self.dir)
+        self.log.info("%s: %s", verb, self.dir, extra={"file_only": True})
 
     # -- creation ---------------------------------------------------------------------------
 
@@ -736,7 +739,7 @@ class Run:
         except TypeError:
             self.metrics = {}
         results = self._write_outputs()
-        self.log.error("run %s: %s", self.status, self.fields["error"])
+        self.log.error("run %s: %s", self.status, self.fields["error"], extra={"file_only": True})
         return results
 
 

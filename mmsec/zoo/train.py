@@ -141,8 +141,11 @@ def train_zoo(
         model._heads.clear()
         return {"test_top1": zero_shot_top1(model, test)}
 
+    total_steps = recipe["epochs"] * (n // bs)
+    # short runs (tests, quick looks) must not spend all their steps warming up
+    warmup = min(recipe["warmup_steps"], total_steps // 5)
     tc = TrainConfig(epochs=recipe["epochs"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                     warmup_steps=recipe["warmup_steps"], schedule="cosine", grad_clip=1.0)
+                     warmup_steps=warmup, schedule="cosine", grad_clip=1.0)
     result = train_loop({"clip": model.clip}, batches, step, tc, run=run, desc=f"zoo {name}",
                         on_epoch_end=on_epoch_end, steps_per_epoch=n // bs)
     model._heads.clear()
