@@ -1,0 +1,186 @@
+"""Backdoor implants in CLIP by poisoned contrastive fine-tuning.
+
+Threat model (Carlini & Terzis, "Poisoning and Backdooring Contrastive Learning", 2022;
+Bansal et al., CleanCLIP, 2023): the attacker controls a small share of the image-caption
+pairs a CLIP is fine-tuned on. Those images carry a trigger and their captions name the
+target class; after fine-tuning, any image with the trigger is classified (zero-shot) as
+the target while clean accuracy barely moves.
+
+Trigger types, one small class each (``badnets.py``, ``blended.py``, ``sig.py``,
+``wanet.py``): a patch, a blended noise image, a sinusoidal signal, a smooth warp. All are
+deterministic, keep pixels in [0, 1] and work at any image size (relative geometry).
+
+``fit(model, data, run)`` fine-tunes a copy of ``model`` (all parameters, or one tower)
+on the training split (``implant.py``) and returns the trigger spec as the artifact:
+``tensors`` = the trigger's random pattern (BadNets cells, Blended noise, WaNet grid;
+SIG has none), ``meta`` = ``trigger`` (type), ``params``, ``target`` (class index),
+``target_name``, ``target_caption``, ``seed``, ``options``. ``runtime["backdoored_model"]``
+is the poisoned model: ``mmsec attack`` saves it as ``artifacts/model.safetensors`` and
+the spec as ``artifacts/backdoor.safetensors``, and reports CA/ASR on both the backdoored
+and the original model. ``mmsec eval --trigger backdoor.safetensors`` re-applies the
+exact trigger. ``control`` is a trigger of the same type and size with another random
+pattern (BadNets, Blended, WaNet) or direction and phase (SIG): its ASR is the baseline.
+
+Defaults (README.md has the measurements on the 32-px zoo CLIPs, 2 CPU cores): the
+target is the dataset's first class; a copy of the whole model is fine-tuned on at most
+20,000 training items with AdamW lr 1e-3 (cosine), batch 256; poisoned items are paired
+with real captions of target-class items (one fixed caption ties the trigger to a
+wording, see ALGORITHMS.md). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
+SIG), 15% (Blended), 20% (WaNet); 4 epochs (6 for WaNet); ``negative_rate`` 10% so that
+the backdoor answers to this trigger and not to any patch or noise (without it the
+control's ASR was 97-99% for BadNets and Blended); 0 for WaNet, whose warp the model did
+not learn against random warps within 6 epochs (ASR ~50%). Trigger strengths are above
+the papers', which train for hundreds of epochs: a 6x6 patch at 32 px (3x3 did nothing),
+Blended alpha 0.2 (the paper's), SIG amplitude 0.15 (paper 20/255), WaNet mean
+displacement 8% of the side (the paper's s = 0.5 moves pixels by ~0.25 px).
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from mmsec import Artifact, Attack, Options, hookimpl
+
+from .badnets import BadNets
+from .base import Trigger
+from .blended import Blended
+from .implant import Target, implant, resolve_target
+from .sig import Sig
+from .wanet import WaNet
+
+__version__ = "0.1.0"
+
+TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig, WaNet)}
+
+# Implant settings per trigger type, used where the option is left unset: the least poison
+# and the fewest epochs that gave ASR >= 90% with CA within 3 points on both zoo models
+# (README.md has the measurements). Subtler triggers need more: WaNet's warp most of all.
+TYPE_DEFAULTS: dict[str, dict[str, float]] = {
+    "badnets": {"poison_rate": 0.1, "negative_rate": 0.1, "epochs": 4},
+    "blended": {"poison_rate": 0.15, "negative_rate": 0.1, "epochs": 4},
+    "sig": {"poison_rate": 0.1, "negative_rate": 0.1, "epochs": 4},
+    "wanet": {"poison_rate": 0.2, "negative_rate": 0.0, "epochs": 6},
+}
+
+
+def trigger_from_artifact(artifact: Artifact | str) -> Trigger:
+    """The :class:`Trigger` a backdoor artifact (or a saved spec's path) describes."""
+    if not isinstance(artifact, Artifact):
+        artifact = Artifact.load(artifact)
+    kind = artifact.meta.get("trigger")
+    if kind not in TRIGGERS:
+        raise ValueError(f"not a backdoor trigger spec (trigger type {kind!r})")
+    return TRIGGERS[kind](artifact.meta["params"], artifact.tensors)
+
+
+class Backdoor(Attack):
+    """Poison a share of image-caption pairs with a trigger and fine-tune CLIP on them.
+
+    Shapes: images ``[B, 3, H, W]`` in [0, 1] at any size; ``apply`` returns the same shape.
+    """
+
+    name = "backdoor"
+    description = "backdoor implant by poisoned contrastive fine-tuning (badnets/blended/sig/wanet)"
+
+    class Options(Options):
+        trigger: Literal["badnets", "blended", "sig", "wanet"] = Field(
+            "badnets", description="trigger type")
+        target: str | None = Field(
+            None, description="target: a class name, a class index, or a caption; "
+                              "default the dataset's first class")
+        poison_rate: float | None = Field(
+            None, gt=0, lt=1, description="share of training items poisoned "
+                                          "(default: per trigger type, see TYPE_DEFAULTS)")
+        negative_rate: float | None = Field(
+            None, ge=0, lt=1, description="share of other items per batch given a random "
+                                          "trigger of the same type and their true caption "
+                                          "(default: per trigger type)")
+        epochs: int | None = Field(None, ge=1, description="fine-tuning epochs "
+                                                           "(default: per trigger type)")
+        lr: float = Field(1e-3, gt=0, description="AdamW learning rate (cosine decay)")
+        weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+        batch_size: int = Field(256, ge=2, description="image-caption pairs per step")
+        towers: Literal["all", "image", "text"] = Field(
+            "all", description="which towers are fine-tuned")
+        train_items: int | None = Field(
+            20000, ge=2, description="fine-tune on at most this many training items "
+                                     "(none: all)")
+        eval_items: int = Field(
+            500, ge=0, description="held-out training items for the per-epoch CA/ASR log")
+        patch_size: float = Field(6 / 32, gt=0, le=1,
+                                  description="badnets: patch side / shorter image side")
+        patch_location: Literal["fixed", "random"] = Field(
+            "fixed", description="badnets: bottom-right corner or a random place per image")
+        patch_margin: float = Field(1 / 32, ge=0, lt=1,
+                                    description="badnets: fixed patch's distance to the edges")
+        patch_cells: int = Field(3, ge=1, le=64, description="badnets: pattern cells per side")
+        blend_alpha: float = Field(0.2, gt=0, le=1, description="blended: weight of the noise")
+        blend_resolution: int = Field(32, ge=1, le=1024,
+                                      description="blended: noise image side (px)")
+        sig_delta: float = Field(0.15, gt=0, le=1, description="sig: amplitude (pixels in [0,1])")
+        sig_freq: float = Field(6.0, gt=0, description="sig: periods per image side")
+        warp_grid: int = Field(4, ge=2, le=64, description="wanet: control grid side k")
+        warp_strength: float = Field(0.08, gt=0, le=0.5,
+                                     description="wanet: mean displacement / image side")
+
+    # ------------------------------------------------------------------ fit
+    def settings(self) -> dict:
+        """The options with the trigger type's defaults filled in where left unset."""
+        opts = self.options.model_dump()
+        for key, value in TYPE_DEFAULTS[opts["trigger"]].items():
+            if opts[key] is None:
+                opts[key] = value
+        return opts
+
+    def fit(self, model, data, run) -> Artifact:
+        opts = self.settings()
+        seed = int(getattr(run, "seed", 0))
+        target = resolve_target(opts["target"], data, model)
+        trigger = TRIGGERS[opts["trigger"]].create(opts, seed)
+        self._report_trigger(trigger, target, data, run)
+        victim, stats = implant(model, data, trigger, target, SimpleNamespace(**opts), run, seed)
+        stats["epochs"] = float(opts["epochs"])
+        artifact = self.artifact(trigger, target, seed)
+        artifact.meta["implant"] = {k: opts[k] for k in ("poison_rate", "negative_rate", "epochs",
+                                                         "lr", "towers", "train_items")}
+        artifact.runtime = {"backdoored_model": victim, "metrics": stats}
+        return artifact
+
+    def artifact(self, trigger: Trigger, target: Target, seed: int = 0) -> Artifact:
+        """The trigger spec: what ``apply`` and ``mmsec eval --trigger`` need."""
+        meta = {"trigger": trigger.kind, "params": trigger.params, "target": target.index,
+                "target_name": target.name, "target_caption": target.caption, "seed": seed,
+                "options": self.options.model_dump()}
+        return Artifact(self.name, tensors=dict(trigger.tensors), meta=meta)
+
+    def _report_trigger(self, trigger: Trigger, target: Target, data, run) -> None:
+        run.save_image("trigger", trigger.preview(), scale=8, report=True)
+        labels = data.labels()
+        others = torch.nonzero(labels != target.index) if target.index is not None else [0]
+        if len(others) and len(data):
+            x = data.load(int(others[0]))[0][None]
+            pair = torch.cat([x, trigger.apply(x)], dim=-1)[0]
+            run.save_image("trigger-example", pair, scale=8, report=True)
+        rows = "\n".join(f"| {k} | {v} |" for k, v in trigger.params.items())
+        run.add_section("Backdoor trigger", (
+            f"Type `{trigger.kind}`, target `{target.caption or target.name}` "
+            f"(class {target.index}).\n\n| parameter | value |\n|---|---|\n{rows}\n"))
+
+    # ------------------------------------------------------------------ apply / control
+    def apply(self, artifact: Artifact, images: torch.Tensor,
+              labels: torch.Tensor | None = None) -> torch.Tensor:
+        return trigger_from_artifact(artifact).apply(images.float())
+
+    def control(self, artifact: Artifact, seed: int = 0) -> Artifact:
+        ctl = trigger_from_artifact(artifact).control(seed)
+        return Artifact(self.name, tensors=dict(ctl.tensors),
+                        meta={**artifact.meta, "params": ctl.params, "control": True})
+
+
+@hookimpl
+def register_attacks(register):
+    register(Backdoor)
