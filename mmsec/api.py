@@ -107,10 +107,10 @@ def _bank(s: Settings, ctx: RunContext, n: int) -> ImageDataset | None:
     return ds if ds.classnames else None
 
 
-def _trigger(path: str | Path) -> tuple[Any, Artifact]:
-    """``(attack plugin instance, artifact)`` for a saved targeted artifact (trigger spec)."""
+def _load_artifact(path: str | Path, *, trigger: bool = False) -> tuple[Any, Artifact]:
+    """``(attack plugin instance, artifact)`` for a saved artifact; ``trigger``: must be targeted."""
     artifact = Artifact.load(path)
-    if "target_name" not in artifact.meta and "target" not in artifact.meta:
+    if trigger and "target_name" not in artifact.meta and "target" not in artifact.meta:
         raise UsageError(f"{path}: not a trigger spec (the artifact has no target)")
     return get_registry().attack(artifact.plugin)(artifact.meta.get("options", {})), artifact
 
@@ -135,11 +135,7 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
             metrics = evaluate.evaluate_model(model, ds, ctx.cache, bank=bank,
                                               progress=not s.quiet)
         if attack_artifact or trigger:
-            if trigger:
-                atk, artifact = _trigger(trigger)
-            else:
-                artifact = Artifact.load(attack_artifact)
-                atk = get_registry().attack(artifact.plugin)(artifact.meta.get("options", {}))
+            atk, artifact = _load_artifact(trigger or attack_artifact, trigger=bool(trigger))
             ctx.set("trigger" if trigger else "attack_artifact", str(attack_artifact or trigger))
             ctx.set("plugin", artifact.plugin)
             with ctx.timer("attack_eval"):
@@ -177,20 +173,15 @@ def attack(plugin: str, settings: Settings | None = None, *,
         if victim is not None:  # the attack changed the model itself (a backdoor implant)
             path = victim.save(ctx.artifacts_dir / "model.safetensors")
             ctx.set("model_checkpoint", str(path))
-            with ctx.timer("evaluate"):
-                metrics = evaluate.evaluate_attack(victim, test, atk, artifact, ctx.cache,
-                                                   control=control, bank=bank,
-                                                   progress=ctx.progress)
+        with ctx.timer("evaluate"):
+            metrics = evaluate.evaluate_attack(victim or model, test, atk, artifact, ctx.cache,
+                                               control=control, bank=bank, progress=ctx.progress)
+            if victim is not None:
                 # the same trigger on the original model: the backdoor's baseline
                 base = evaluate.evaluate_attack(model, test, atk, artifact, ctx.cache,
                                                 progress=ctx.progress)
-            metrics.update({f"original_{k}": v for k, v in base.items()
-                            if k in ("clean_acc", "asr", "clean_top1", "adv_top1")})
-        else:
-            with ctx.timer("evaluate"):
-                metrics = evaluate.evaluate_attack(model, test, atk, artifact, ctx.cache,
-                                                   control=control, bank=bank,
-                                                   progress=ctx.progress)
+                metrics.update({f"original_{k}": v for k, v in base.items()
+                                if k in ("clean_acc", "asr", "clean_top1", "adv_top1")})
         metrics.update(artifact.runtime.get("metrics", {}))
         return _finish(ctx, metrics, started)
 
@@ -217,7 +208,7 @@ def defend(plugin: str, settings: Settings | None = None, *,
         clean = _data(s, "train", clean_items, ctx=ctx)
         test = _data(s, limit=s.limit, ctx=ctx)
         before = evaluate.evaluate_model(model, test, ctx.cache, progress=not s.quiet)
-        trig = _trigger(trigger) if trigger else None
+        trig = _load_artifact(trigger, trigger=True) if trigger else None
         if trig is not None:
             ctx.set("trigger", str(trigger))
             before.update(evaluate.evaluate_attack(model, test, *trig, ctx.cache,

@@ -387,6 +387,8 @@ def load_model(
     precision: str = "fp32",
 ) -> ClipModel:
     """Load a ClipModel from the zoo, an open_clip name + tag, or a checkpoint file (see module doc)."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
     is_file = pretrained is not None and (os.path.sep in pretrained or pretrained.endswith(
         (".safetensors", ".pt", ".pth", ".bin", ".ckpt")) or Path(pretrained).exists())
     state, meta = read_state_dict(pretrained) if is_file else (None, {})
@@ -410,9 +412,7 @@ def load_model(
         load_weights(cm.clip, state, str(pretrained or weights))
     else:
         cm = _load_open_clip(model, pretrained, state)
-    cm.precision = precision if precision in PRECISIONS else cm.precision
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
+    cm.precision = precision
     return cm.to(pick_device(device)).eval()
 
 
