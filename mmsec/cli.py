@@ -183,14 +183,17 @@ def attack_cmd(plugin, options, knn_bank, as_json, **kw):
 @common_options
 @click.option("--clean-items", type=int, default=1000, show_default=True,
               help="clean train items the defense may use")
+@click.option("--trigger", type=click.Path(), default=None,
+              help="the backdoor's trigger spec: CA and ASR before/after (the defense never "
+                   "sees it)")
 @handle_errors
-def defend_cmd(plugin, options, clean_items, as_json, **kw):
+def defend_cmd(plugin, options, clean_items, trigger, as_json, **kw):
     """Apply a defense plugin to a model and measure before/after."""
     from . import api
     from .options import parse_cli_pairs
 
     _print_results(api.defend(plugin, _settings(kw), options=parse_cli_pairs(options),
-                              clean_items=clean_items), as_json)
+                              clean_items=clean_items, trigger=trigger), as_json)
 
 
 @main.command("run")

@@ -1,0 +1,473 @@
+"""The InverTune defense: options, the three stages and their report (see the package doc).
+
+Shapes: clean images ``[N, 3, H, W]`` in [0, 1]; mask ``[1, 1, H, W]`` and pattern
+``[1, 3, H, W]`` in [0, 1]; stage activations as ``ClipModel.forward_features(...,
+pooled=False)`` returns them (ResNet ``[B, C, h, w]``, ViT ``[B, L, D]``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from mmsec import Artifact, Defense, Options, TrainConfig, kmeans, train_loop
+from mmsec.errors import MmsecError, UsageError
+from mmsec.evaluate import load_batch
+from mmsec.losses import ssim
+from mmsec.runs import load_tensors, write_atomic
+
+Stage = Literal["identify", "invert", "tune"]
+
+# Simulator defaults when the simulator is advclip: a short schedule (the paper's 20 epochs
+# over a large set are for 224-px CLIPs; on the clean set a few epochs give a usable patch)
+# and a 10% patch (at 32 px the 3% patch, 6 px, sent the predictions to a "sink" class
+# of the model on all four zoo:shapes backdoors; 10% found the BadNets and WaNet targets).
+SIMULATOR_DEFAULTS = {
+    "advclip": {"epochs": 3, "batch_size": 32, "topology": "batch", "val_items": 0,
+                "area": 0.1},
+}
+
+
+class InverTune(Defense):
+    """Identify the target, invert the trigger, tune the critical activations away."""
+
+    name = "invertune"
+    description = ("backdoor removal from a small clean set: target identification, trigger "
+                   "inversion, clustering-guided activation tuning (InverTune, 2025)")
+
+    class Options(Options):
+        stages: list[Stage] = Field(
+            default_factory=lambda: ["identify", "invert", "tune"],
+            description="stages to run (identify,invert,tune); invert needs a target "
+                        "(identify or target), tune needs invert")
+        clean_items: int = Field(1000, ge=8, description="clean images used (at most the "
+                                                         "host's --clean-items)")
+        target: str | None = Field(
+            None, description="ablation only: the target class (name or index) instead of "
+                              "identifying it")
+        simulator: str = Field(
+            "advclip", description="attack plugin simulating a universal attack, or a saved "
+                                   "artifact FILE (.safetensors)")
+        simulator_options: dict = Field(
+            default_factory=dict, description="options of the simulator plugin (advclip: "
+                                              "a short schedule by default)")
+        # stage 2: trigger inversion
+        invert_epochs: int = Field(10, ge=1, description="trigger inversion epochs")
+        invert_batch: int = Field(64, ge=1, description="trigger inversion batch size")
+        invert_lr: float = Field(0.01, gt=0, description="Adam learning rate of mask/pattern")
+        w_ce: float = Field(5.0, ge=0, description="weight of the target cross-entropy")
+        w_embed: float = Field(0.5, ge=0, description="weight of the pull to target images")
+        w_ssim: float = Field(1.0, ge=0, description="weight of 1-SSIM (pixels in [0, 1])")
+        w_mask: float = Field(0.01, ge=0, description="weight of the mask's L1 norm (sum)")
+        temperature: float = Field(0.07, gt=0, description="CE temperature on cosines")
+        mask_init: float = Field(0.1, gt=0, lt=1, description="initial mask value")
+        # stage 3: activation tuning
+        top_layers: int = Field(3, ge=1, description="stages tuned (largest shift first)")
+        tune_steps: int = Field(200, ge=1, description="fine-tuning steps")
+        tune_batch: int = Field(64, ge=2, description="clean images per step")
+        tune_lr: float = Field(1e-4, gt=0, description="AdamW lr (paper 2e-6 is for large "
+                                                       "pretrained CLIPs; see the docstring)")
+        tune_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+        grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
+        w_preserve: float = Field(20.0, ge=0, description="weight of the embedding-preservation "
+                                                          "term (paper 0.5 at lr 2e-6; see the "
+                                                          "docstring)")
+        tune_simulator: bool = Field(
+            True, description="also tune away the simulator's perturbation (the one whose "
+                              "prediction collapse identified the target; mmsec extension)")
+        rounds: int = Field(3, ge=1, le=10, description="invert+tune rounds (paper: 1); each "
+                                                        "later round inverts again on the "
+                                                        "repaired model")
+
+        @field_validator("stages")
+        @classmethod
+        def _stages(cls, v: list[str]) -> list[str]:
+            if not v:
+                raise ValueError("at least one stage")
+            order = ["identify", "invert", "tune"]
+            return [s for s in order if s in v]
+
+        @model_validator(mode="after")
+        def _needs(self):
+            if "tune" in self.stages and "invert" not in self.stages:
+                raise ValueError("stage tune needs stage invert (its inverted trigger)")
+            if "invert" in self.stages and "identify" not in self.stages and self.target is None:
+                raise ValueError("stage invert needs stage identify or a target")
+            return self
+
+    # ------------------------------------------------------------------ apply
+    def apply(self, model, data, run):
+        o = self.options
+        if not data.classnames:
+            raise MmsecError("invertune: the clean data has no class names (zero-shot needed)")
+        n = min(len(data), o.clean_items)
+        idx = torch.randperm(len(data), generator=run.generator(offset=11))[:n].tolist()
+        x, y = load_batch(data, idx)
+        run.metrics["clean_items_used"] = float(n)
+        head = model.zero_shot_head(data.classnames, data.templates).detach()
+        names = list(data.classnames)
+        true_target = _true_target(run, names)
+
+        target = _parse_target(o.target, names) if o.target is not None else None
+        extra = []  # perturbations tuned away next to the inverted trigger
+        if "identify" in o.stages:
+            with run.timer("invertune_identify"):
+                ranked, simulated = self.identify(model, data, idx, x, head, names, run,
+                                                  true_target)
+            if target is None:
+                target = ranked[0]
+            if o.tune_simulator and target == ranked[0]:
+                extra.append(simulated)
+        if "invert" not in o.stages:
+            return model
+        current = model
+        rounds = o.rounds if "tune" in o.stages else 1
+        for r in range(rounds):
+            tag = "" if r == 0 else f"_r{r + 1}"
+            with run.timer(f"invertune_invert{tag}"):
+                mask, pattern = self.invert(current, x, y, head, target, names, run, tag)
+            if "tune" in o.stages:
+                with run.timer(f"invertune_tune{tag}"):
+                    current = self.tune(current, x, [_stamp(mask, pattern), *extra], head,
+                                        target, run, tag)
+        run.metrics["rounds_done"] = float(rounds)
+        return current
+
+    # ------------------------------------------------------------------ stage 1
+    def identify(self, model, data, idx, x, head, names, run, true_target):
+        """Rank classes by the rise of their prediction share under a simulated universal
+        attack; returns the ranking and the simulated perturbation as a function of pixels."""
+        o = self.options
+        sim = o.simulator
+        if sim.endswith(".safetensors") or Path(sim).exists():
+            artifact = Artifact.load(sim)
+            attack = run.attack(artifact.plugin, artifact.meta.get("options") or {})
+            run.log.info("invertune: simulator artifact %s (plugin %s)", sim, artifact.plugin)
+        else:
+            opts = {**SIMULATOR_DEFAULTS.get(sim, {}), **o.simulator_options}
+            fields = getattr(run.registry.attack(sim).Options, "model_fields", {})
+            if "train_items" in fields:  # the simulator trains on the whole clean subset
+                opts.setdefault("train_items", len(idx))
+            attack = run.attack(sim, opts)
+            if not getattr(attack, "universal", True):
+                raise UsageError(f"invertune: simulator {sim!r} is not a universal attack")
+            from mmsec.data import Subset
+
+            run.log.info("invertune: fitting simulator %s on %d clean images", sim, len(idx))
+            artifact = attack.fit(model, Subset(data, idx), run)
+            artifact.save(run.artifacts_dir / "simulator.safetensors")  # reusable as FILE
+        with torch.no_grad():
+            clean = _predict(model, x, head)
+            adv = torch.cat([_predict(model, attack.apply(artifact, xb), head)
+                             for xb in x.split(256)])
+        c = len(names)
+        share_clean = torch.bincount(clean, minlength=c).float() / len(clean)
+        share_adv = torch.bincount(adv, minlength=c).float() / len(adv)
+        rise = share_adv - share_clean
+        ranked = torch.argsort(rise, descending=True, stable=True).tolist()
+        rows = [{"rank": r + 1, "class": i, "name": names[i], "share_clean": float(share_clean[i]),
+                 "share_adv": float(share_adv[i]), "rise": float(rise[i])}
+                for r, i in enumerate(ranked)]
+        write_atomic(run.artifacts_dir / "target_ranking.json", json.dumps(rows, indent=1))
+        run.metrics["identified_target"] = float(ranked[0])
+        run.metrics["target_rank_1_rise"] = float(rise[ranked[0]])
+        run.metrics["simulator_fooling_rate"] = float((clean != adv).float().mean())
+        run.set("identified_target_name", names[ranked[0]])
+        known = ""
+        if true_target is not None:
+            rank = ranked.index(true_target) + 1
+            run.metrics["true_target_rank"] = float(rank)
+            run.metrics["target_identified"] = float(rank == 1)
+            known = (f" The real target (from the trigger spec the run knows; not used by the "
+                     f"defense) is `{names[true_target]}`, ranked {rank}.")
+        table = "\n".join(f"| {r['rank']} | {r['name']} | {r['share_clean']:.3f} | "
+                          f"{r['share_adv']:.3f} | {r['rise']:+.3f} |" for r in rows)
+        run.add_section("InverTune 1: target identification", (
+            f"Simulator `{sim}` on {len(x)} clean images (fooling rate "
+            f"{run.metrics['simulator_fooling_rate']:.1%}). Suspected target: "
+            f"**{names[ranked[0]]}** (class {ranked[0]}).{known}\n\n"
+            f"| rank | class | share clean | share attacked | rise |\n|---|---|---|---|---|\n"
+            f"{table}\n"))
+        return ranked, lambda pixels: attack.apply(artifact, pixels)
+
+    # ------------------------------------------------------------------ stage 2
+    def invert(self, model, x, y, head, target: int, names, run, tag: str = ""):
+        """Learn mask and pattern that send non-target images to ``target``; returns both.
+
+        ``tag`` names the round (``""``, ``"_r2"``, ...). A resumed run reuses the inverted
+        trigger an interrupted run already saved for this round and target.
+        """
+        o = self.options
+        others = x[y != target]
+        if len(others) == 0:
+            raise MmsecError("invertune: no clean non-target images to invert the trigger on")
+        device = model.device
+        saved = run.artifacts_dir / f"inverted_trigger{tag}.safetensors"
+        if getattr(run, "resume", False) and saved.is_file():
+            tensors, header = load_tensors(saved)
+            if header.get("target") == str(target) and {"mask", "pattern"} <= set(tensors):
+                run.log.info("invertune: resuming with the inverted trigger in %s", saved)
+                return tensors["mask"][None].to(device), tensors["pattern"][None].to(device)
+        tgt_imgs = x[y == target]
+        with torch.no_grad():
+            if len(tgt_imgs):
+                tgt_emb = F.normalize(torch.cat([model.encode_image(b.to(device))
+                                                 for b in tgt_imgs.split(256)]).mean(0), dim=-1)
+            else:  # no target image in the clean set: its text embedding
+                tgt_emb = head[target]
+        h, w = x.shape[-2:]
+        seed = int(tag[2:] or 0)  # 0 in the first round, then the round number
+        trig = _Trigger(h, w, o.mask_init, seed).to(device)
+        n, bs = len(others), min(o.invert_batch, len(others))
+        steps_per_epoch = max(1, math.ceil(n / bs))
+        label = torch.full((bs,), target, device=device, dtype=torch.long)
+        requires = [p.requires_grad for p in model.parameters()]
+        model.requires_grad_(False)
+
+        def batches(epoch: int):
+            perm = torch.randperm(n, generator=run.generator(offset=1000 + 100 * seed + epoch))
+            for b in range(steps_per_epoch):
+                yield others[perm[b * bs:(b + 1) * bs]].to(device)
+
+        def step(xb, _gstep):
+            trig.project()
+            m, t = trig()
+            xp = m * t + (1 - m) * xb
+            emb = model.encode_image(xp)
+            ce = F.cross_entropy(emb @ head.t() / o.temperature, label[:len(xb)])
+            pull = (emb - tgt_emb).norm(dim=-1).mean()
+            sim = 1 - ssim(xp, xb)
+            l1 = m.sum()
+            loss = o.w_ce * ce + o.w_embed * pull + o.w_ssim * sim + o.w_mask * l1
+            return {"loss": loss, "ce": ce.detach(), "pull": pull.detach(),
+                    "one_minus_ssim": sim.detach(), "mask_l1": l1.detach()}
+
+        try:
+            out = train_loop({"trigger": trig}, batches, step,
+                             TrainConfig(epochs=o.invert_epochs, lr=o.invert_lr, optimizer="adam",
+                                         schedule="constant"),
+                             run=run, desc=f"invertune trigger inversion{tag}",
+                             steps_per_epoch=steps_per_epoch)
+        finally:
+            for p, r in zip(model.parameters(), requires, strict=True):
+                p.requires_grad_(r)
+        trig.project()
+        with torch.no_grad():
+            mask, pattern = (v.detach().clone() for v in trig())
+            preds = torch.cat([_predict(model, mask * pattern + (1 - mask) * b.to(device), head)
+                               for b in others.split(256)])
+        last = out["history"][-1] if out["history"] else {}
+        inv_asr = float((preds == target).float().mean())
+        run.metrics.update({f"inversion_{k}{tag}": float(v) for k, v in last.items()
+                            if k != "epoch"})
+        run.metrics[f"inverted_asr{tag}"] = inv_asr
+        run.metrics[f"inverted_mask_l1{tag}"] = float(mask.sum())
+        mask_c, pattern_c = mask[0].expand(3, -1, -1).cpu(), pattern[0].cpu()
+        run.save_tensors(f"inverted_trigger{tag}", {"mask": mask[0].cpu(), "pattern": pattern_c},
+                         metadata={"target": str(target), "target_name": names[target],
+                                   "plugin": "invertune"})
+        img = tag.replace("_", "-")
+        run.save_image(f"inverted-mask{img}", mask_c, scale=8, report=True)
+        run.save_image(f"inverted-pattern{img}", pattern_c, scale=8, report=True)
+        grey = torch.full_like(pattern_c, 0.5)
+        run.save_image(f"inverted-trigger{img}", mask_c * pattern_c + (1 - mask_c) * grey,
+                       scale=8, report=True)
+        real = _real_trigger_preview(run, h, w) if not tag else None
+        if real is not None:
+            run.save_image("real-trigger", real, scale=8, report=True)
+        title = "InverTune 2: trigger inversion" + (f" (round {tag[2:]})" if tag else "")
+        run.add_section(title, (
+            f"Target `{names[target]}`; {o.invert_epochs} epochs of {steps_per_epoch} steps on "
+            f"{n} non-target clean images. Last epoch: "
+            + ", ".join(f"{k} {v:.4g}" for k, v in last.items() if k != "epoch")
+            + f". The inverted trigger sends {inv_asr:.1%} of them to the target; mask L1 "
+            f"{float(mask.sum()):.1f} px. Images: `inverted-mask.png`, `inverted-pattern.png`, "
+            f"`inverted-trigger.png` (on grey)"
+            + (", `real-trigger.png` (the real trigger on grey, for comparison only)."
+               if real is not None else ".") + "\n"))
+        return mask, pattern
+
+    # ------------------------------------------------------------------ stage 3
+    def tune(self, model, x, poisons, head, target, run, tag: str = ""):
+        """Fine-tune a copy's image tower so the triggers in ``poisons`` (functions of the
+        pixels: the inverted trigger first, then the simulator's perturbation if any) no longer
+        move the critical neurons of the most shifted stages, while clean embeddings stay
+        where they were."""
+        o = self.options
+        device = model.device
+        repaired = copy.deepcopy(model)
+        layers = model.layer_names()
+        probe = x[:min(len(x), 256)].to(device)
+        with torch.no_grad():
+            _, a = model.forward_features(probe, layers, pooled=False)
+            aps = [model.forward_features(p(probe), layers, pooled=False)[1] for p in poisons]
+            # relative shift per stage, averaged over the triggers
+            shift = {n: sum(float(((a[n] - ap[n]).flatten(1).norm(dim=1)
+                                   / a[n].flatten(1).norm(dim=1).clamp_min(1e-8)).mean())
+                            for ap in aps) / len(aps) for n in layers}
+            chosen = sorted(layers, key=lambda n: -shift[n])[:o.top_layers]
+            masks = {}  # (trigger, stage) -> critical neurons
+            for i, ap in enumerate(aps):
+                for n in chosen:
+                    elem = (a[n] - ap[n]).abs().mean(0).flatten()  # element-wise shift
+                    cent, assign = kmeans(elem[:, None], 2, seed=run.seed)
+                    hi = int(cent[:, 0].argmax())
+                    masks[i, n] = (assign == hi).float().view(a[n].shape[1:]).to(device)
+            orig = torch.cat([model.encode_image(b.to(device)) for b in x.split(256)])
+        run.metrics.update({f"shift_{n}{tag}": v for n, v in shift.items()})
+        run.metrics.update({f"critical_share_{n}{tag}": float(masks[0, n].mean())
+                            for n in chosen})
+        run.set(f"tuned_layers{tag}", chosen)
+        run.metrics[f"tuned_layer_count{tag}"] = float(len(chosen))
+
+        visual = repaired.clip.visual
+        n = len(x)
+        bs = min(o.tune_batch, n)
+        steps_per_epoch = min(o.tune_steps, 50)
+
+        def batches(epoch: int):
+            g = run.generator(offset=5000 + 100 * int(tag[2:] or 0) + epoch)
+            for _ in range(steps_per_epoch):
+                sel = torch.randint(0, n, (bs,), generator=g)
+                yield x[sel].to(device), orig[sel.to(orig.device)]
+
+        def step(batch, _gstep):
+            visual.eval()  # keep batch-norm statistics: triggered images must not shift them
+            xb, ob = batch
+            emb, acts = repaired.forward_features(
+                torch.cat([xb, *(p(xb) for p in poisons)]), chosen, pooled=False)
+            act_loss = 0.0
+            for name in chosen:
+                ac, *ats = acts[name].split(len(xb))
+                for i, at in enumerate(ats):
+                    mk = masks[i, name]
+                    # norms over the whole batch: a per-image ratio explodes on images whose
+                    # critical neurons are silent (ReLU zeros) and drowns the other terms
+                    act_loss = act_loss + ((mk * (ac - at)).norm()
+                                           / (mk * ac).norm().clamp_min(1e-6))
+            keep = (emb[:len(xb)] - ob).norm(dim=-1).mean()
+            loss = act_loss + o.w_preserve * keep
+            return {"loss": loss, "act": act_loss.detach(), "preserve": keep.detach()}
+
+        requires = [p.requires_grad for p in repaired.clip.parameters()]
+        repaired.clip.requires_grad_(False)
+        visual.requires_grad_(True)
+        try:
+            out = train_loop({"visual": visual}, batches, step,
+                             TrainConfig(steps=o.tune_steps, lr=o.tune_lr, optimizer="adamw",
+                                         weight_decay=o.tune_weight_decay, schedule="cosine",
+                                         grad_clip=o.grad_clip),
+                             run=run, desc=f"invertune activation tuning{tag}",
+                             steps_per_epoch=steps_per_epoch)
+        finally:
+            for p, r in zip(repaired.clip.parameters(), requires, strict=True):
+                p.requires_grad_(r)
+        repaired.eval()
+        repaired._heads = {}
+        hist = out["history"]
+        m = {"tune_steps_done": float(out["steps"])}
+        if hist:
+            m["tune_act_loss_first"] = float(hist[0].get("act", 0))
+            m["tune_act_loss_last"] = float(hist[-1].get("act", 0))
+            m["tune_preserve_last"] = float(hist[-1].get("preserve", 0))
+        with torch.no_grad():
+            others = x[:512].to(device)
+            keep = others[(_predict(model, others, head) != target).to(device)]
+            rates = [float((_predict(repaired, p(keep), head) == target).float().mean())
+                     if len(keep) else float("nan") for p in poisons]
+            m["inverted_asr_after_tune"] = rates[0]
+            if len(rates) > 1:
+                m["simulator_target_rate_after_tune"] = rates[1]
+        run.metrics.update({k + tag: v for k, v in m.items()})
+        rows = "\n".join(f"| {n} | {shift[n]:.4f} | {'yes' if n in chosen else ''} | "
+                         f"{(f'{float(masks[0, n].mean()):.1%}' if n in chosen else '')} |"
+                         for n in layers)
+        title = ("InverTune 3: clustering-guided activation tuning"
+                 + (f" (round {tag[2:]})" if tag else ""))
+        run.add_section(title, (
+            f"{out['steps']} AdamW steps (lr {o.tune_lr:g}, wd {o.tune_weight_decay:g}, cosine, "
+            f"clip {o.grad_clip:g}) of {bs} clean images on the image tower. Activation loss "
+            f"{m.get('tune_act_loss_first', float('nan')):.4f} -> "
+            f"{m.get('tune_act_loss_last', float('nan')):.4f}; target rate after tuning "
+            f"(clean non-target images): inverted trigger {m['inverted_asr_after_tune']:.1%}"
+            + (f", simulator {m['simulator_target_rate_after_tune']:.1%}" if len(rates) > 1
+               else "") + ".\n\n"
+            f"| stage | relative shift | tuned | critical neurons |\n|---|---|---|---|\n{rows}\n"))
+        return repaired
+
+
+class _Trigger(nn.Module):
+    """Mask ``[1, 1, H, W]`` and pattern ``[1, 3, H, W]`` as free parameters kept in [0, 1].
+
+    Direct parameters (projected back into [0, 1] before every step) rather than sigmoids of
+    logits: with Adam at lr 0.01 a logit moves ~0.01 per step, so 150 steps could not open a
+    mask from 0.1; a direct value can cross the whole range.
+    """
+
+    def __init__(self, h: int, w: int, mask_init: float, seed: int = 0) -> None:
+        super().__init__()
+        self.mask = nn.Parameter(torch.full((1, 1, h, w), float(mask_init)))
+        self.pattern = nn.Parameter(torch.rand(1, 3, h, w, generator=torch.Generator()
+                                               .manual_seed(seed)))
+
+    def project(self) -> None:
+        with torch.no_grad():
+            self.mask.clamp_(0, 1)
+            self.pattern.clamp_(0, 1)
+
+    def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mask, self.pattern
+
+
+def _stamp(mask: torch.Tensor, pattern: torch.Tensor):
+    """``x -> m*t + (1-m)*x``: the inverted trigger as a function of the pixels."""
+    return lambda x: mask * pattern + (1 - mask) * x
+
+
+def _predict(model, pixels: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    return (model.encode_image(pixels.to(model.device)) @ head.t()).argmax(1).cpu()
+
+
+def _parse_target(spec: str, names: list[str]) -> int:
+    lower = [n.lower() for n in names]
+    if spec.lower() in lower:
+        return lower.index(spec.lower())
+    if spec.isdigit() and int(spec) < len(names):
+        return int(spec)
+    raise UsageError(f"invertune: unknown target {spec!r} (classes: {', '.join(names)})")
+
+
+def _true_target(run, names: list[str]) -> int | None:
+    """The real target when the run was given the trigger spec (for the report only)."""
+    path = run.get("trigger") if hasattr(run, "get") else None
+    if not path:
+        return None
+    try:
+        meta = Artifact.load(path).meta
+    except Exception:  # noqa: BLE001 - the report just omits it
+        return None
+    if meta.get("target_name") in names:
+        return names.index(meta["target_name"])
+    t = meta.get("target")
+    return int(t) if isinstance(t, int) and 0 <= t < len(names) else None
+
+
+def _real_trigger_preview(run, h: int, w: int) -> torch.Tensor | None:
+    """The real trigger on a grey image, when the run knows it (report only)."""
+    path = run.get("trigger") if hasattr(run, "get") else None
+    if not path:
+        return None
+    try:
+        art = Artifact.load(path)
+        attack = run.attack(art.plugin, art.meta.get("options") or {})
+        return attack.apply(art, torch.full((1, 3, h, w), 0.5))[0].clamp(0, 1)
+    except Exception:  # noqa: BLE001 - the report just omits it
+        return None
