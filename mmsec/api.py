@@ -268,7 +268,18 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     rows, columns = merge_runs([root / st.id for st in steps])
     table = write_report_table(rows, root / "summary.csv", md=True, columns=columns)
     (root / "summary.md").write_text(f"# Recipe {recipe.name or Path(path).name}\n\n{table}\n")
-    return {"dir": str(root), "steps": results, "summary": table}
+    # the console gets the headline columns only; summary.md/.csv keep every metric
+    present = {k for row in rows for k, v in row.items() if v not in (None, "")}
+    short = [c for c in ("run", "kind", "plugin", "status") if c in columns]
+    short += [c for c in HEADLINE_METRICS if c in present]
+    headline = write_report_table(rows, None, md=True, columns=short)
+    return {"dir": str(root), "steps": results, "summary": headline, "summary_full": table}
+
+
+#: metrics ``mmsec run`` prints per step (the rest is in the recipe folder's summary.md)
+HEADLINE_METRICS = ("clean_top1", "adv_top1", "fooling_rate", "control_fooling_rate",
+                    "clean_acc", "asr", "control_asr", "before_clean_acc", "after_clean_acc",
+                    "before_asr", "after_asr", "target_identified")
 
 
 def model_info(model: ClipModel) -> dict:
