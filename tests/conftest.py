@@ -58,3 +58,18 @@ def tiny_vit():
     tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
     return ClipModel(clip, tok, name="tiny-vit", pretrained=None, image_size=32,
                      mean=open_clip.OPENAI_DATASET_MEAN, std=open_clip.OPENAI_DATASET_STD)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module's tests (``pytestmark = usefixtures("one_thread")``).
+
+    These models are tiny, and on a busy 2-core machine two OpenMP threads spin against
+    each other (test_advclip.py took 240 s with 2 threads, 27 s with 1).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -24,20 +24,12 @@ from mmsec.data import TensorDataset, procedural_shapes
 from mmsec.errors import UsageError
 from mmsec.runs import Run
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 
 def _ctx(path, resume: bool = False, seed: int = 0) -> RunContext:
     run = Run.create(path, "attack", "advclip", resume=resume, quiet=True)
     return RunContext(run, device=torch.device("cpu"), seed=seed, cache=EmbeddingCache())
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine two OpenMP
-    threads spin against each other (this file took 240 s with 2 threads, 27 s with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -25,14 +25,7 @@ from mmsec.model import build_zoo_model, load_model, read_zoo_spec
 from mmsec.plugins import PluginInfo, Registry, reset_registry
 from mmsec.runs import Run, load_tensors
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny models on 2 busy cores run far faster than with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,7 @@ from mmsec.errors import UsageError
 from mmsec.evaluate import load_batch
 from mmsec.runs import Run
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @contextlib.contextmanager

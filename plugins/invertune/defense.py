@@ -131,13 +131,13 @@ class InverTune(Defense):
         current = model
         rounds = o.rounds if "tune" in o.stages else 1
         for r in range(rounds):
-            tag = "" if r == 0 else f"_r{r + 1}"
+            tag = _round_tag(r)
             with run.timer(f"invertune_invert{tag}"):
-                mask, pattern = self.invert(current, x, y, head, target, names, run, tag)
+                mask, pattern = self.invert(current, x, y, head, target, names, run, r)
             if "tune" in o.stages:
                 with run.timer(f"invertune_tune{tag}"):
                     current = self.tune(current, x, [_stamp(mask, pattern), *extra], head,
-                                        target, run, tag)
+                                        target, run, r)
         run.metrics["rounds_done"] = float(rounds)
         return current
 
@@ -199,17 +199,19 @@ class InverTune(Defense):
         return ranked, lambda pixels: attack.apply(artifact, pixels)
 
     # ------------------------------------------------------------------ stage 2
-    def invert(self, model, x, y, head, target: int, names, run, tag: str = ""):
+    def invert(self, model, x, y, head, target: int, names, run, rnd: int = 0):
         """Learn mask and pattern that send non-target images to ``target``; returns both.
 
-        ``tag`` names the round (``""``, ``"_r2"``, ...). A resumed run reuses the inverted
-        trigger an interrupted run already saved for this round and target.
+        ``rnd`` is the round (0-based; keys of later rounds end in ``_r2``, ``_r3``, ...). A
+        resumed run reuses the inverted trigger an interrupted run already saved for this
+        round and target.
         """
         o = self.options
         others = x[y != target]
         if len(others) == 0:
             raise MmsecError("invertune: no clean non-target images to invert the trigger on")
         device = model.device
+        tag = _round_tag(rnd)
         saved = run.artifacts_dir / f"inverted_trigger{tag}.safetensors"
         if getattr(run, "resume", False) and saved.is_file():
             tensors, header = load_tensors(saved)
@@ -224,7 +226,7 @@ class InverTune(Defense):
             else:  # no target image in the clean set: its text embedding
                 tgt_emb = head[target]
         h, w = x.shape[-2:]
-        seed = int(tag[2:] or 0)  # 0 in the first round, then the round number
+        seed = _round_seed(rnd)
         trig = _Trigger(h, w, o.mask_init, seed).to(device)
         n, bs = len(others), min(o.invert_batch, len(others))
         steps_per_epoch = max(1, math.ceil(n / bs))
@@ -283,7 +285,7 @@ class InverTune(Defense):
         real = _real_trigger_preview(run, h, w) if not tag else None
         if real is not None:
             run.save_image("real-trigger", real, scale=8, report=True)
-        title = "InverTune 2: trigger inversion" + (f" (round {tag[2:]})" if tag else "")
+        title = "InverTune 2: trigger inversion" + (f" (round {rnd + 1})" if rnd else "")
         run.add_section(title, (
             f"Target `{names[target]}`; {o.invert_epochs} epochs of {steps_per_epoch} steps on "
             f"{n} non-target clean images. Last epoch: "
@@ -296,13 +298,14 @@ class InverTune(Defense):
         return mask, pattern
 
     # ------------------------------------------------------------------ stage 3
-    def tune(self, model, x, poisons, head, target, run, tag: str = ""):
+    def tune(self, model, x, poisons, head, target, run, rnd: int = 0):
         """Fine-tune a copy's image tower so the triggers in ``poisons`` (functions of the
         pixels: the inverted trigger first, then the simulator's perturbation if any) no longer
         move the critical neurons of the most shifted stages, while clean embeddings stay
         where they were."""
         o = self.options
         device = model.device
+        tag = _round_tag(rnd)
         repaired = copy.deepcopy(model)
         layers = model.layer_names()
         probe = x[:min(len(x), 256)].to(device)
@@ -334,7 +337,7 @@ class InverTune(Defense):
         steps_per_epoch = min(o.tune_steps, 50)
 
         def batches(epoch: int):
-            g = run.generator(offset=5000 + 100 * int(tag[2:] or 0) + epoch)
+            g = run.generator(offset=5000 + 100 * _round_seed(rnd) + epoch)
             for _ in range(steps_per_epoch):
                 sel = torch.randint(0, n, (bs,), generator=g)
                 yield x[sel].to(device), orig[sel.to(orig.device)]
@@ -391,7 +394,7 @@ class InverTune(Defense):
                          f"{(f'{float(masks[0, n].mean()):.1%}' if n in chosen else '')} |"
                          for n in layers)
         title = ("InverTune 3: clustering-guided activation tuning"
-                 + (f" (round {tag[2:]})" if tag else ""))
+                 + (f" (round {rnd + 1})" if rnd else ""))
         run.add_section(title, (
             f"{out['steps']} AdamW steps (lr {o.tune_lr:g}, wd {o.tune_weight_decay:g}, cosine, "
             f"clip {o.grad_clip:g}) of {bs} clean images on the image tower. Activation loss "
@@ -425,6 +428,16 @@ class _Trigger(nn.Module):
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mask, self.pattern
+
+
+def _round_tag(rnd: int) -> str:
+    """Suffix of a round's metric keys and files: ``""`` for the first, then ``_r2``, ..."""
+    return "" if rnd == 0 else f"_r{rnd + 1}"
+
+
+def _round_seed(rnd: int) -> int:
+    """Seed offset of a round's random draws (0, then 2, 3, ...: the round's number)."""
+    return 0 if rnd == 0 else rnd + 1
 
 
 def _stamp(mask: torch.Tensor, pattern: torch.Tensor):
