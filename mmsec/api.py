@@ -1,7 +1,7 @@
 """The Python API behind every CLI command: eval, attack, defend, recipes.
 
-Each function loads the model and data, opens one run folder, calls the plugin,
-measures, and returns the run's ``results.json`` content::
+Each function loads the model and data, opens one run folder, calls the plugin, measures
+through the evaluation pipeline, and returns the run's ``results.json`` content::
 
     from mmsec import api
     res = api.attack("pgd", options={"eps": "2/255"})
@@ -11,23 +11,24 @@ measures, and returns the run's ``results.json`` content::
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from . import evaluate
-from .attacks import Artifact
+from .attacks import Artifact, Attack
 from .cache import EmbeddingCache
-from .context import RunContext
-from .data import ImageDataset, load_dataset, subset
+from .context import RunContext, RunInputs
+from .data import ImageDataset, subset
 from .errors import MmsecError, UsageError
-from .model import ClipModel, load_model, pick_device
-from .plugins import get_registry
+from .evaluation import Evaluation, Row, rows_to_metrics
+from .model import ClipModel
+from .registry import Registry, get_registry
 from .runs import Run
-from .train import seed_everything
+from .training import seed_everything
+
+__all__ = ["HEADLINE_METRICS", "Settings", "attack", "defend", "eval", "load_artifact",
+           "run_recipe"]
 
 
 @dataclass
@@ -49,8 +50,7 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _plugin_version(cls: type) -> str | None:
-    reg = get_registry()
+def _plugin_version(reg: Registry, cls: type) -> str | None:
     for kind in ("attacks", "defenses"):
         owner = reg.owner.get((kind, cls.name))
         if owner:
@@ -58,61 +58,88 @@ def _plugin_version(cls: type) -> str | None:
     return cls.version
 
 
-def _open(kind: str, plugin: str | None, s: Settings) -> tuple[RunContext, ClipModel]:
+def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None = None
+          ) -> tuple[RunContext, ClipModel]:
     seed_everything(s.seed)
     started = time.perf_counter()
+    reg = get_registry()
     # The model loads before the run folder exists: a wrong checkpoint leaves nothing behind.
-    model = load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
+    model = reg.load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
     run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet)
     run.durations["load_model"] = round(time.perf_counter() - started, 3)
-    ctx = RunContext(run, device=pick_device(s.device), precision=s.precision, seed=s.seed,
-                     cache=EmbeddingCache(), registry=get_registry(), strict=s.strict)
+    ctx = RunContext(run, device=model.device, precision=s.precision, seed=s.seed,
+                     cache=EmbeddingCache(), registry=reg, strict=s.strict, inputs=inputs)
     for key, value in (("model", model.name), ("pretrained", model.pretrained),
-                       ("model_fingerprint", model.fingerprint), ("dataset", s.data or "procedural"),
-                       ("split", s.split), ("seed", s.seed), ("device", str(ctx.device)),
+                       ("model_fingerprint", model.fingerprint),
+                       ("dataset", s.data or "procedural"), ("split", s.split),
+                       ("seed", s.seed), ("device", str(ctx.device)),
                        ("precision", s.precision)):
         run.set(key, value)
     return ctx, model
 
 
-def _data(s: Settings, split: str | None = None, limit: int | None = None,
-          ctx: RunContext | None = None) -> ImageDataset:
+def _data(ctx: RunContext, s: Settings, split: str | None = None,
+          limit: int | None = None) -> ImageDataset:
     # ``n`` lets generated sources (procedural) render only what is used; others ignore it.
-    ds = load_dataset(s.data, split=split or s.split, seed=s.seed, strict=s.strict, n=limit)
+    ds = ctx.registry.load_dataset(s.data, split=split or s.split, seed=s.seed,
+                                   strict=s.strict, n=limit)
     ds = subset(ds, limit, seed=s.seed)
-    if ctx is not None and ds.skipped:
-        ctx.set("skipped_count", ctx.get("skipped_count", 0) + ds.skipped)
+    if ds.skipped:
         ctx.log.warning("%d corrupt item(s) skipped in %s", ds.skipped, ds.describe())
+        for item, reason in ds.skipped_items:  # results.json counts these ...
+            ctx.run.skipped_items.append({"item": item, "reason": reason})
+        unnamed = ds.skipped - len(ds.skipped_items)  # ... and these without a name
+        if unnamed:
+            ctx.set("skipped_count", ctx.get("skipped_count", 0) + unnamed)
     return ds
 
 
-def _finish(ctx: RunContext, metrics: Mapping[str, float], started: float) -> dict:
-    ctx.set("images_encoded", ctx.cache.stats.encoded_by_kind.get("image", 0))
-    ctx.set("texts_encoded", ctx.cache.stats.encoded_by_kind.get("text", 0))
-    ctx.set("cache_hits", ctx.cache.stats.hits)
-    ctx.durations["total"] = round(time.perf_counter() - started, 3)
-    results = ctx.run.finish(dict(metrics))
-    ctx.run.close()
-    return results
-
-
-def _bank(s: Settings, ctx: RunContext, n: int) -> ImageDataset | None:
+def _bank(ctx: RunContext, s: Settings, n: int) -> ImageDataset | None:
     """A labelled train-split sample for kNN metrics (None when the data has no train split)."""
     if n <= 0:
         return None
     try:
-        ds = _data(s, "train", n)
+        ds = ctx.registry.load_dataset(s.data, split="train", seed=s.seed, strict=s.strict, n=n)
     except (UsageError, MmsecError):
         return None
+    ds = subset(ds, n, seed=s.seed)
     return ds if ds.classnames else None
 
 
-def _load_artifact(path: str | Path, *, trigger: bool = False) -> tuple[Any, Artifact]:
-    """``(attack plugin instance, artifact)`` for a saved artifact; ``trigger``: must be targeted."""
+def _finish(ctx: RunContext, rows: Sequence[Row], started: float) -> dict:
+    """Record rows (long form and flat, before the plugin's own metrics) and write outputs."""
+    own = dict(ctx.run.metrics)
+    ctx.run.metrics.clear()
+    ctx.run.metrics.update(rows_to_metrics(rows))
+    ctx.run.metrics.update(own)
+    ctx.run.rows.extend(r.as_dict() for r in rows)
+    ctx.set("images_encoded", ctx.cache.stats.encoded_by_kind.get("image", 0))
+    ctx.set("texts_encoded", ctx.cache.stats.encoded_by_kind.get("text", 0))
+    ctx.set("cache_hits", ctx.cache.stats.hits)
+    ctx.durations["total"] = round(time.perf_counter() - started, 3)
+    results = ctx.run.finish()
+    ctx.run.close()
+    return results
+
+
+def load_artifact(path: str | Path, *, trigger: bool = False,
+                  registry: Registry | None = None) -> tuple[Attack, Artifact]:
+    """``(the attack plugin that made it, the artifact)`` for a saved artifact; with
+    ``trigger`` it must be targeted (a backdoor's trigger spec)."""
     artifact = Artifact.load(path)
-    if trigger and "target_name" not in artifact.meta and "target" not in artifact.meta:
+    if trigger and not artifact.targeted:
         raise UsageError(f"{path}: not a trigger spec (the artifact has no target)")
-    return get_registry().attack(artifact.plugin)(artifact.meta.get("options", {})), artifact
+    return (registry or get_registry()).attack_for(artifact), artifact
+
+
+def _measure(ev: Evaluation, ctx: RunContext, attack: Attack | None = None,
+             artifact: Artifact | None = None, control: Artifact | None = None) -> list[Row]:
+    views = [ev.clean()]
+    if attack is not None and artifact is not None:
+        views += ev.attacked(attack, artifact, run=ctx)
+        if control is not None:
+            views += ev.attacked(attack, control, condition="control", run=ctx)
+    return ev.measure(views)
 
 
 # --------------------------------------------------------------------------- eval
@@ -120,29 +147,31 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
          trigger: str | None = None, knn_bank: int = 2000) -> dict:
     """Clean metrics of a model on a dataset; with ``attack_artifact``, its effect too.
 
-    ``trigger`` is a targeted artifact (a backdoor's trigger spec): it is applied with
-    its plugin and ``clean_acc`` (CA) and ``asr`` are reported, always with the real trigger.
+    ``trigger`` is a targeted artifact (a backdoor's trigger spec): it is applied with its
+    plugin and ``asr`` is reported next to clean top-1 (CA), always with the real trigger.
     """
     if attack_artifact and trigger:
         raise UsageError("give either --attack-artifact or --trigger, not both")
     s = settings or Settings()
     started = time.perf_counter()
-    ctx, model = _open("eval", None, s)
+    loaded = load_artifact(trigger or attack_artifact, trigger=bool(trigger)) \
+        if (attack_artifact or trigger) else None
+    inputs = RunInputs(trigger=loaded[1] if trigger and loaded else None,
+                       attack_artifact=loaded[1] if attack_artifact and loaded else None)
+    ctx, model = _open("eval", None, s, inputs)
     with ctx.run:  # a failure marks the run failed before re-raising
-        ds = _data(s, limit=s.limit, ctx=ctx)
-        bank = _bank(s, ctx, knn_bank)
+        ds = _data(ctx, s, limit=s.limit)
+        ev = Evaluation(model, ds, ctx.cache, metrics=ctx.registry.metric_list(),
+                        bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
         with ctx.timer("evaluate"):
-            metrics = evaluate.evaluate_model(model, ds, ctx.cache, bank=bank,
-                                              progress=not s.quiet)
-        if attack_artifact or trigger:
-            atk, artifact = _load_artifact(trigger or attack_artifact, trigger=bool(trigger))
-            ctx.set("trigger" if trigger else "attack_artifact", str(attack_artifact or trigger))
-            ctx.set("plugin", artifact.plugin)
-            with ctx.timer("attack_eval"):
-                metrics.update(evaluate.evaluate_attack(
-                    model, ds, atk, artifact, ctx.cache, control=atk.control(artifact, s.seed),
-                    bank=bank, progress=ctx.progress))
-        return _finish(ctx, metrics, started)
+            if loaded is None:
+                rows = _measure(ev, ctx)
+            else:
+                atk, artifact = loaded
+                ctx.set("trigger" if trigger else "attack_artifact", str(trigger or attack_artifact))
+                ctx.set("plugin", artifact.plugin)
+                rows = _measure(ev, ctx, atk, artifact, atk.control(artifact, s.seed))
+        return _finish(ctx, rows, started)
 
 
 # --------------------------------------------------------------------------- attack
@@ -151,39 +180,37 @@ def attack(plugin: str, settings: Settings | None = None, *,
     """Fit attack ``plugin`` on the train split, save its artifact, measure it on ``split``."""
     s = settings or Settings()
     started = time.perf_counter()
-    cls = get_registry().attack(plugin)
+    reg = get_registry()
+    cls = reg.attack(plugin)
     atk = cls(options or {})  # bad options fail here, before any heavy work
     ctx, model = _open("attack", plugin, s)
     with ctx.run:  # a failure marks the run failed before re-raising
-        ctx.set("plugin_version", _plugin_version(cls))
-        ctx.set("options", atk.options.model_dump())
-        ctx.set("config", {"kind": "attack", "plugin": plugin, "options": atk.options.model_dump(),
+        ctx.set("plugin_version", _plugin_version(reg, cls))
+        ctx.set("options", atk.options_dict())
+        ctx.set("config", {"kind": "attack", "plugin": plugin, "options": atk.options_dict(),
                            **{k: v for k, v in vars(s).items() if k not in ("extra",)}})
-        train = _data(s, "train", ctx=ctx) if cls.universal else _data(s, limit=s.limit, ctx=ctx)
-        test = _data(s, limit=s.limit, ctx=ctx)
+        train = _data(ctx, s, "train") if cls.universal else _data(ctx, s, limit=s.limit)
+        test = _data(ctx, s, limit=s.limit)
         with ctx.timer("fit"):
-            artifact = atk.fit(model, train, ctx)
-        if artifact.tensors or cls.universal:
-            artifact.meta.setdefault("options", atk.options.model_dump())
-            path = artifact.save(ctx.artifacts_dir / f"{plugin}.safetensors")
-            ctx.set("attack_artifact", str(path))
-        bank = _bank(s, ctx, knn_bank)
-        control = atk.control(artifact, s.seed)
-        victim = artifact.runtime.get("backdoored_model")
+            result = atk.run_fit(model, train, ctx)
+        artifact = result.artifact
+        artifact.source = {"plugin_version": _plugin_version(reg, cls)}
+        path = artifact.save(ctx.artifacts_dir / f"{plugin}.safetensors")
+        ctx.set("attack_artifact", str(path))
+        victim = result.model
         if victim is not None:  # the attack changed the model itself (a backdoor implant)
-            path = victim.save(ctx.artifacts_dir / "model.safetensors")
-            ctx.set("model_checkpoint", str(path))
+            ctx.set("model_checkpoint", str(victim.save(ctx.artifacts_dir / "model.safetensors")))
         with ctx.timer("evaluate"):
-            metrics = evaluate.evaluate_attack(victim or model, test, atk, artifact, ctx.cache,
-                                               control=control, bank=bank, progress=ctx.progress)
+            ev = Evaluation(victim or model, test, ctx.cache, metrics=reg.metric_list(),
+                            bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
+            rows = _measure(ev, ctx, atk, artifact, atk.control(artifact, s.seed))
             if victim is not None:
                 # the same trigger on the original model: the backdoor's baseline
-                base = evaluate.evaluate_attack(model, test, atk, artifact, ctx.cache,
-                                                progress=ctx.progress)
-                metrics.update({f"original_{k}": v for k, v in base.items()
-                                if k in ("clean_acc", "asr", "clean_top1", "adv_top1")})
-        metrics.update(artifact.runtime.get("metrics", {}))
-        return _finish(ctx, metrics, started)
+                zero_shot = [m for m in reg.metric_list() if m.name == "zero_shot"]
+                base = Evaluation(model, test, ctx.cache, metrics=zero_shot, label="original",
+                                  progress=ctx.progress)
+                rows += _measure(base, ctx, atk, artifact)
+        return _finish(ctx, rows, started)
 
 
 # --------------------------------------------------------------------------- defend
@@ -192,46 +219,51 @@ def defend(plugin: str, settings: Settings | None = None, *,
            trigger: str | None = None) -> dict:
     """Apply defense ``plugin`` with a small clean train sample; save and measure the result.
 
-    With ``trigger`` (a backdoor's trigger spec), CA and ASR with the real trigger are
-    measured before and after. The defense itself never sees the trigger.
+    With ``trigger`` (a backdoor's trigger spec), clean top-1 (CA) and ASR with the real
+    trigger are measured before and after. The defense itself never trains on the trigger.
     """
     s = settings or Settings()
     started = time.perf_counter()
-    cls = get_registry().defense(plugin)
+    reg = get_registry()
+    cls = reg.defense(plugin)
     dfn = cls(options or {})
-    ctx, model = _open("defend", plugin, s)
+    trig = load_artifact(trigger, trigger=True, registry=reg) if trigger else None
+    ctx, model = _open("defend", plugin, s, RunInputs(trigger=trig[1] if trig else None))
     with ctx.run:  # a failure marks the run failed before re-raising
-        ctx.set("plugin_version", _plugin_version(cls))
-        ctx.set("options", dfn.options.model_dump())
-        ctx.set("config", {"kind": "defend", "plugin": plugin, "options": dfn.options.model_dump(),
+        ctx.set("plugin_version", _plugin_version(reg, cls))
+        ctx.set("options", dfn.options_dict())
+        ctx.set("config", {"kind": "defend", "plugin": plugin, "options": dfn.options_dict(),
                            **{k: v for k, v in vars(s).items() if k not in ("extra",)}})
-        clean = _data(s, "train", clean_items, ctx=ctx)
-        test = _data(s, limit=s.limit, ctx=ctx)
-        before = evaluate.evaluate_model(model, test, ctx.cache, progress=not s.quiet)
-        trig = _load_artifact(trigger, trigger=True) if trigger else None
-        if trig is not None:
+        if trigger:
             ctx.set("trigger", str(trigger))
-            before.update(evaluate.evaluate_attack(model, test, *trig, ctx.cache,
-                                                   progress=ctx.progress))
+        clean = _data(ctx, s, "train", clean_items)
+        test = _data(ctx, s, limit=s.limit)
+        metrics = reg.metric_list()
+        before = Evaluation(model, test, ctx.cache, metrics=metrics, label="before",
+                            progress=ctx.progress)
+        rows = _measure(before, ctx, *(trig or (None, None)))
         with ctx.timer("defend"):
-            repaired = dfn.apply(model, clean, ctx)
-        path = repaired.save(ctx.artifacts_dir / "model.safetensors")
-        ctx.set("model_checkpoint", str(path))
-        after = evaluate.evaluate_model(repaired, test, ctx.cache, progress=not s.quiet)
-        if trig is not None:
-            after.update(evaluate.evaluate_attack(repaired, test, *trig, ctx.cache,
-                                                  progress=ctx.progress))
-        metrics = {**{f"before_{k}": v for k, v in before.items()},
-                   **{f"after_{k}": v for k, v in after.items()}, **ctx.metrics}
-        return _finish(ctx, metrics, started)
+            repaired = dfn.run_apply(model, clean, ctx)
+        ctx.set("model_checkpoint", str(repaired.save(ctx.artifacts_dir / "model.safetensors")))
+        after = Evaluation(repaired, test, ctx.cache, metrics=metrics, label="after",
+                           progress=ctx.progress)
+        rows += _measure(after, ctx, *(trig or (None, None)))
+        return _finish(ctx, rows, started)
 
 
 # --------------------------------------------------------------------------- recipes
+#: metrics ``mmsec run`` prints per step (the rest is in the recipe folder's summary.md)
+HEADLINE_METRICS = ("clean_top1", "adv_top1", "fooling_rate", "control_fooling_rate", "asr",
+                    "control_asr", "before_clean_top1", "after_clean_top1", "before_asr",
+                    "after_asr", "target_identified")
+
+
 def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False) -> dict:
     """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...]}``."""
     from .options import validate_options
     from .recipes import load_recipe
-    from .runs import DEFAULT_ROOT, merge_runs, write_report_table
+    from .report import merge_runs, write_report_table
+    from .runs import DEFAULT_ROOT
 
     recipe = load_recipe(path)
     reg = get_registry()
@@ -267,24 +299,12 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
         results.append(res)
     rows, columns = merge_runs([root / st.id for st in steps])
     table = write_report_table(rows, root / "summary.csv", md=True, columns=columns)
-    (root / "summary.md").write_text(f"# Recipe {recipe.name or Path(path).name}\n\n{table}\n")
+    from .io import write_atomic
+
+    write_atomic(root / "summary.md", f"# Recipe {recipe.name or Path(path).name}\n\n{table}\n")
     # the console gets the headline columns only; summary.md/.csv keep every metric
     present = {k for row in rows for k, v in row.items() if v not in (None, "")}
     short = [c for c in ("run", "kind", "plugin", "status") if c in columns]
     short += [c for c in HEADLINE_METRICS if c in present]
     headline = write_report_table(rows, None, md=True, columns=short)
     return {"dir": str(root), "steps": results, "summary": headline, "summary_full": table}
-
-
-#: metrics ``mmsec run`` prints per step (the rest is in the recipe folder's summary.md)
-HEADLINE_METRICS = ("clean_top1", "adv_top1", "fooling_rate", "control_fooling_rate",
-                    "clean_acc", "asr", "control_asr", "before_clean_acc", "after_clean_acc",
-                    "before_asr", "after_asr", "target_identified")
-
-
-def model_info(model: ClipModel) -> dict:
-    return {"name": model.name, "pretrained": model.pretrained, "image_size": model.image_size,
-            "fingerprint": model.fingerprint, "layers": model.layer_names(),
-            "params": sum(p.numel() for p in model.parameters()),
-            "device": str(model.device), "dtype": str(next(model.parameters()).dtype),
-            "cuda": torch.cuda.is_available()}

@@ -1,6 +1,4 @@
-"""On-disk embedding cache and vector search shared by every plugin.
-
-Two parts live here:
+"""On-disk embedding cache shared by every plugin (vector search lives in ``mmsec.search``).
 
 ``EmbeddingCache``
     Stores float32 embeddings on disk, per *namespace* = (model fingerprint, kind), keyed by a
@@ -19,23 +17,14 @@ Two parts live here:
     across shards are harmless (same content, same model -> same vector). ``compact`` merges a
     namespace's shards into one under an ``fcntl.flock`` lock.
 
-``VectorIndex``
-    Inner-product (cosine) search over L2-normalised float32 vectors: FAISS on the GPU when
-    FAISS sees one, exact chunked torch matmul + top-k when FAISS is missing or CUDA is there but
-    FAISS has no GPU support, FAISS ``IndexFlatIP`` on the CPU otherwise. ``kmeans`` clusters with
-    ``faiss.Kmeans`` or a deterministic torch Lloyd's.
-
-FAISS is imported lazily: this module imports without it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -46,7 +35,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -54,40 +42,25 @@ import platformdirs
 import torch
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
-from tqdm.auto import tqdm
 
-from mmsec.errors import MmsecError, UsageError
+from mmsec.errors import UsageError
 
-from .runs import progress_enabled
+from .io import TMP_SUFFIX, fsync_dir, write_atomic
+from .progress import progress as progress_bar
+from .search import VectorIndex
 
-__all__ = [
-    "BACKENDS",
-    "CacheStats",
-    "EmbeddingCache",
-    "VectorIndex",
-    "choose_backend",
-    "content_hash",
-    "default_cache_dir",
-    "faiss_available",
-    "kmeans",
-]
+__all__ = ["CacheStats", "EmbeddingCache", "content_hash", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "mmsec-embeddings-v1"
 """Format tag stored in every shard's metadata."""
 
-BACKENDS = ("faiss-gpu", "faiss-cpu", "torch")
-"""Search backends that ``VectorIndex`` accepts."""
-
 _SHARD_PREFIX = "shard-"
 _SHARD_SUFFIX = ".safetensors"
-_TMP_PREFIX = ".tmp-"
 _LOCK_NAME = ".lock"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=-]{0,199}$")
 _STALE_TMP_SECONDS = 3600.0
-_FAISS_GPU_MAX_K = 2048
-_BLOCK_ELEMS = 1 << 25  # similarity block budget for the torch backend (128 MiB of float32)
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,49 +97,6 @@ def content_hash(obj: torch.Tensor | np.ndarray | bytes | str) -> str:
     else:
         raise TypeError(f"content_hash: cannot hash {type(obj).__name__}")
     return h.hexdigest()
-
-
-@functools.lru_cache(maxsize=1)
-def _import_faiss() -> ModuleType | None:
-    """Import ``faiss`` once; ``None`` when it is not installed or fails to load."""
-    try:
-        import faiss
-    except Exception as exc:  # ImportError, or a broken native library
-        logger.debug("faiss not available: %s", exc)
-        return None
-    return faiss
-
-
-def faiss_available() -> bool:
-    """Return whether the ``faiss`` module imports."""
-    return _import_faiss() is not None
-
-
-def _faiss_num_gpus() -> int:
-    """Number of GPUs that FAISS can use (0 for faiss-cpu or without faiss)."""
-    faiss = _import_faiss()
-    if faiss is None or not hasattr(faiss, "get_num_gpus"):
-        return 0
-    try:
-        return int(faiss.get_num_gpus())
-    except Exception:  # pragma: no cover - depends on the installed wheel
-        return 0
-
-
-def choose_backend() -> str:
-    """Pick the search backend for this machine.
-
-    ``"faiss-gpu"`` when FAISS sees a GPU; ``"torch"`` when FAISS is missing, or when CUDA is
-    available but FAISS has no GPU (exact search on the GPU beats FAISS on the CPU);
-    ``"faiss-cpu"`` otherwise.
-    """
-    if _import_faiss() is None:
-        return "torch"
-    if _faiss_num_gpus() > 0:
-        return "faiss-gpu"
-    if torch.cuda.is_available():
-        return "torch"
-    return "faiss-cpu"
 
 
 def _check_name(what: str, value: str) -> str:
@@ -260,38 +190,6 @@ def _decode_shard(data: bytes, fingerprint: str, kind: str) -> tuple[list[str], 
     if len(keys) != vectors.shape[0] or str(len(keys)) != meta.get("count"):
         raise ValueError("key count does not match vector count")
     return keys, np.ascontiguousarray(vectors)
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory so a rename in it is durable (best effort, POSIX only)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(directory: Path, name: str, payload: bytes) -> Path:
-    """Write ``payload`` to ``directory/name`` atomically: temp file, fsync, ``os.replace``."""
-    final = directory / name
-    tmp = directory / f"{_TMP_PREFIX}{name}.{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(directory)
-    return final
 
 
 def _new_shard_name() -> str:
@@ -588,7 +486,7 @@ class EmbeddingCache:
         for attempt in range(2):
             ns_dir.mkdir(parents=True, exist_ok=True)
             try:
-                return _atomic_write(ns_dir, _new_shard_name(), payload)
+                return write_atomic(ns_dir / _new_shard_name(), payload)
             except FileNotFoundError:
                 if attempt:
                     raise
@@ -653,10 +551,8 @@ class EmbeddingCache:
                 pending_vecs.clear()
                 pending = 0
 
-        bar = tqdm(
-            total=len(todo), desc=desc or f"encode {kind}", unit="item",
-            disable=not (progress and progress_enabled())
-        )
+        bar = progress_bar(total=len(todo), desc=desc or f"encode {kind}", unit="item",
+                           enabled=progress)
         try:
             for start in range(0, len(todo), batch_size):
                 idx = todo[start : start + batch_size]
@@ -692,7 +588,8 @@ class EmbeddingCache:
         return out
 
     def index(
-        self, fingerprint: str, kind: str, keys: Sequence[str], backend: str | None = None
+        self, fingerprint: str, kind: str, keys: Sequence[str], backend: str | None = None,
+        device: torch.device | str | None = None,
     ) -> VectorIndex:
         """Build a ``VectorIndex`` over the cached vectors of ``keys`` (row i = ``keys[i]``).
 
@@ -702,7 +599,7 @@ class EmbeddingCache:
         missing = len(found) - sum(found)
         if missing or vectors is None:
             raise KeyError(f"{missing} of {len(found)} keys are not cached in {fingerprint}/{kind}")
-        return VectorIndex(vectors, backend=backend)
+        return VectorIndex(vectors, backend=backend, device=device)
 
     # ---- maintenance
 
@@ -767,14 +664,14 @@ class EmbeddingCache:
         for name in used + bad:
             with contextlib.suppress(FileNotFoundError):
                 (ns_dir / name).unlink()
-        _fsync_dir(ns_dir)
+        fsync_dir(ns_dir)
         return len(used) + len(bad)
 
     @staticmethod
     def _remove_stale_tmp(ns_dir: Path) -> None:
         """Delete temporary files left by writers that died more than an hour ago."""
         now = time.time()
-        for p in ns_dir.glob(f"{_TMP_PREFIX}*"):
+        for p in ns_dir.glob(f".*{TMP_SUFFIX}"):
             with contextlib.suppress(OSError):
                 if now - p.stat().st_mtime > _STALE_TMP_SECONDS:
                     p.unlink()
@@ -881,380 +778,3 @@ class EmbeddingCache:
         return freed
 
 
-# --------------------------------------------------------------------------------------------
-# vector search
-
-
-def _resolve_backend(backend: str | None) -> str:
-    """Validate a requested backend, or choose one when None."""
-    if backend is None:
-        return choose_backend()
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown search backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend.startswith("faiss") and _import_faiss() is None:
-        raise MmsecError(
-            f"search backend {backend!r} needs faiss: pip install 'mmsec[cpu]' (or 'mmsec[gpu]')"
-        )
-    if backend == "faiss-gpu" and _faiss_num_gpus() == 0:
-        raise MmsecError("search backend 'faiss-gpu' needs faiss-gpu and a GPU that it can see")
-    return backend
-
-
-def _torch_topk(
-    db: torch.Tensor, queries: torch.Tensor, k: int, largest: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact chunked top-k of ``queries @ db.T``.
-
-    Args:
-        db: [N, D]; queries: [Q, D] on the same device; k <= N.
-
-    Returns:
-        sims [Q, k] and int64 idx [Q, k], sorted (descending if ``largest`` else ascending).
-    """
-    n = db.shape[0]
-    q = queries.shape[0]
-    db_chunk = max(k, min(n, 1 << 18))
-    q_chunk = max(1, min(q, _BLOCK_ELEMS // max(1, min(n, db_chunk))))
-    out_s = torch.empty(q, k, dtype=torch.float32, device=db.device)
-    out_i = torch.empty(q, k, dtype=torch.long, device=db.device)
-    for qs in range(0, q, q_chunk):
-        qc = queries[qs : qs + q_chunk]
-        best_s: torch.Tensor | None = None
-        best_i: torch.Tensor | None = None
-        for ds in range(0, n, db_chunk):
-            sims = qc @ db[ds : ds + db_chunk].T
-            kk = min(k, sims.shape[1])
-            s, i = sims.topk(kk, dim=1, largest=largest, sorted=True)
-            i = i + ds
-            if best_s is None or best_i is None:
-                best_s, best_i = s, i
-            else:
-                cat_s, cat_i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
-                s, j = cat_s.topk(min(k, cat_s.shape[1]), dim=1, largest=largest, sorted=True)
-                best_s, best_i = s, cat_i.gather(1, j)
-        assert best_s is not None and best_i is not None
-        out_s[qs : qs + q_chunk] = best_s
-        out_i[qs : qs + q_chunk] = best_i
-    return out_s, out_i
-
-
-class VectorIndex:
-    """Exact inner-product index over L2-normalised float32 vectors (cosine similarity).
-
-    Args:
-        vectors: database [N, D] (any float dtype and device).
-        backend: ``"faiss-gpu"``, ``"faiss-cpu"`` or ``"torch"``; None picks with
-            ``choose_backend()``.
-        normalize: L2-normalise the database and every query (default). With False the scores are
-            raw inner products.
-        device: torch backend only: where the vectors live and the matmuls run. Default: the
-            vectors' device when it is not the CPU, else CUDA when available, else the CPU.
-
-    Attributes:
-        backend: the backend in use. ``dim``/``ntotal``: D and N.
-
-    Results come back on the device of the queries; indices are int64 rows of ``vectors``.
-    """
-
-    def __init__(
-        self,
-        vectors: torch.Tensor | np.ndarray,
-        *,
-        backend: str | None = None,
-        normalize: bool = True,
-        device: torch.device | str | None = None,
-    ) -> None:
-        self.backend = _resolve_backend(backend)
-        self.normalize = normalize
-        x = vectors if isinstance(vectors, torch.Tensor) else torch.as_tensor(np.asarray(vectors))
-        if x.ndim != 2:
-            raise ValueError(f"expected vectors of shape [N, D], got {tuple(x.shape)}")
-        self.dim = int(x.shape[1])
-        self._faiss_index: Any = None
-        self._cpu_index: Any = None
-        self._db: torch.Tensor | None = None
-        if self.backend == "torch":
-            if device is None:
-                if x.device.type != "cpu":
-                    device = x.device
-                else:
-                    device = "cuda" if torch.cuda.is_available() else "cpu"
-            self.device = torch.device(device)
-            self._db = torch.zeros(0, self.dim, dtype=torch.float32, device=self.device)
-        else:
-            faiss = _import_faiss()
-            assert faiss is not None
-            self.device = torch.device("cpu")
-            self._cpu_index = faiss.IndexFlatIP(self.dim)
-            if self.backend == "faiss-gpu":
-                self._faiss_index = faiss.index_cpu_to_all_gpus(self._cpu_index)
-            else:
-                self._faiss_index = self._cpu_index
-        self.add(x)
-
-    def __len__(self) -> int:
-        return self.ntotal
-
-    def __repr__(self) -> str:
-        return f"VectorIndex(backend={self.backend!r}, ntotal={self.ntotal}, dim={self.dim})"
-
-    @property
-    def ntotal(self) -> int:
-        """Number of vectors in the index."""
-        if self._db is not None:
-            return int(self._db.shape[0])
-        return int(self._faiss_index.ntotal)
-
-    def _prep(self, x: torch.Tensor | np.ndarray, device: torch.device) -> torch.Tensor:
-        """Cast [M, D] to float32 on ``device`` and normalise when asked."""
-        t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-        if t.ndim != 2 or t.shape[1] != self.dim:
-            raise ValueError(f"expected shape [M, {self.dim}], got {tuple(t.shape)}")
-        t = t.detach().to(device=device, dtype=torch.float32)
-        if self.normalize:
-            t = torch.nn.functional.normalize(t, dim=1)
-        return t.contiguous()
-
-    def add(self, vectors: torch.Tensor | np.ndarray) -> None:
-        """Append vectors [M, D]; they get rows ``ntotal .. ntotal+M-1``."""
-        if self._db is not None:
-            self._db = torch.cat([self._db, self._prep(vectors, self.device)], dim=0)
-        else:
-            x = self._prep(vectors, torch.device("cpu")).numpy()
-            self._faiss_index.add(x)
-            if self._cpu_index is not self._faiss_index:
-                self._cpu_index.add(x)
-
-    def _search(
-        self, queries: torch.Tensor | np.ndarray, k: int, largest: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Shared body of ``knn`` and ``farthest``."""
-        out_dev = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-        k = max(0, min(int(k), self.ntotal))
-        if self._db is not None or (self.backend == "faiss-gpu" and k > _FAISS_GPU_MAX_K):
-            db = self._torch_db()
-            q = self._prep(queries, db.device)
-            if k == 0:
-                empty = torch.zeros(q.shape[0], 0, device=out_dev)
-                return empty, empty.long()
-            s, i = _torch_topk(db, q, k, largest)
-            return s.to(out_dev), i.to(out_dev)
-        q = self._prep(queries, torch.device("cpu"))
-        if k == 0:
-            empty = torch.zeros(q.shape[0], 0, device=out_dev)
-            return empty, empty.long()
-        qn = q.numpy() if largest else (-q).numpy()
-        sims, idx = self._faiss_index.search(qn, k)
-        s = torch.from_numpy(np.ascontiguousarray(sims))
-        if not largest:
-            s = -s
-        return s.to(out_dev), torch.from_numpy(idx.astype(np.int64)).to(out_dev)
-
-    def _torch_db(self) -> torch.Tensor:
-        """Database [N, D] for the exact torch paths (the FAISS backends fall back to them for
-        range search on the GPU and for k beyond FAISS-GPU's limit); on CUDA when available."""
-        if self._db is not None:
-            return self._db
-        db = torch.from_numpy(self._cpu_index.reconstruct_n(0, self._cpu_index.ntotal))
-        return db.cuda() if torch.cuda.is_available() else db
-
-    def knn(self, queries: torch.Tensor | np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """k most similar database vectors per query.
-
-        Args:
-            queries: [Q, D]; k: neighbours per query (clamped to ``ntotal``).
-
-        Returns:
-            sims float32 [Q, k] (descending) and idx int64 [Q, k].
-        """
-        return self._search(queries, k, largest=True)
-
-    def farthest(
-        self, queries: torch.Tensor | np.ndarray, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """k least similar database vectors per query.
-
-        Returns:
-            sims float32 [Q, k] (ascending) and idx int64 [Q, k].
-        """
-        return self._search(queries, k, largest=False)
-
-    def range_search(
-        self, queries: torch.Tensor | np.ndarray, threshold: float
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """All database vectors with similarity >= ``threshold``, per query.
-
-        Args:
-            queries: [Q, D]; threshold: minimum similarity (cosine when normalised).
-
-        Returns:
-            Q pairs ``(sims [m_q], idx [m_q])``, sorted by descending similarity.
-        """
-        out_dev = queries.device if isinstance(queries, torch.Tensor) else torch.device("cpu")
-        if self.backend == "faiss-cpu":
-            q = self._prep(queries, torch.device("cpu")).numpy()
-            radius = float(np.nextafter(np.float32(threshold), np.float32(-np.inf)))
-            lims, dist, idx = self._cpu_index.range_search(q, radius)  # keeps sims > radius
-            results = []
-            for j in range(q.shape[0]):
-                s = torch.from_numpy(dist[lims[j] : lims[j + 1]].copy())
-                i = torch.from_numpy(idx[lims[j] : lims[j + 1]].astype(np.int64))
-                keep = s >= threshold
-                s, i = s[keep], i[keep]
-                order = torch.argsort(s, descending=True, stable=True)
-                results.append((s[order].to(out_dev), i[order].to(out_dev)))
-            return results
-        db = self._torch_db()
-        q = self._prep(queries, db.device)
-        per_q: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(q.shape[0])]
-        n = db.shape[0]
-        db_chunk = max(1, min(n, 1 << 18))
-        q_chunk = max(1, _BLOCK_ELEMS // db_chunk)
-        for qs in range(0, q.shape[0], q_chunk):
-            qc = q[qs : qs + q_chunk]
-            for ds in range(0, n, db_chunk):
-                sims = qc @ db[ds : ds + db_chunk].T
-                rows, cols = torch.nonzero(sims >= threshold, as_tuple=True)
-                if rows.numel() == 0:
-                    continue
-                vals = sims[rows, cols]
-                rows, cols, vals = rows.cpu(), (cols + ds).cpu(), vals.cpu()
-                counts = torch.bincount(rows, minlength=qc.shape[0]).tolist()
-                for r, (vs, cs) in enumerate(
-                    zip(vals.split(counts), cols.split(counts), strict=True)
-                ):
-                    if vs.numel():
-                        per_q[qs + r].append((vs, cs))
-        results = []
-        for parts in per_q:
-            if parts:
-                s = torch.cat([p[0] for p in parts])
-                i = torch.cat([p[1] for p in parts])
-                order = torch.argsort(s, descending=True, stable=True)
-                s, i = s[order], i[order]
-            else:
-                s, i = torch.zeros(0), torch.zeros(0, dtype=torch.long)
-            results.append((s.to(out_dev), i.to(out_dev)))
-        return results
-
-
-# --------------------------------------------------------------------------------------------
-# k-means
-
-
-def _torch_kmeans(
-    x: torch.Tensor, k: int, niter: int, seed: int, spherical: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means with k-means++ seeding; x float32 [N, D] -> ([k, D], int64 [N])."""
-    n = x.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-
-    def scores(c: torch.Tensor) -> torch.Tensor:
-        """[N, k] cost of assigning each point to each centroid (lower is better)."""
-        if spherical:
-            return -(x @ c.T)
-        return (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)).clamp_min_(0)
-
-    # k-means++ seeding (on squared distances, also for spherical)
-    first = int(torch.randint(n, (1,), generator=gen))
-    chosen = [first]
-    d2 = (x - x[first]).pow(2).sum(1)
-    for _ in range(1, k):
-        w = d2.double().cpu()
-        if float(w.sum()) <= 0:
-            # all remaining points coincide with a centroid: take unchosen points in order
-            taken = set(chosen)
-            nxt = next(i for i in range(n) if i not in taken)
-        else:
-            nxt = int(torch.multinomial(w / w.sum(), 1, generator=gen))
-        chosen.append(nxt)
-        d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
-    c = x[chosen].clone()
-    if spherical:
-        c = torch.nn.functional.normalize(c, dim=1)
-
-    assign = scores(c).argmin(1)
-    for _ in range(niter):
-        sums = torch.zeros_like(c).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)
-        empty = (counts == 0).nonzero().flatten().tolist()
-        new_c = sums / counts.clamp_min(1).unsqueeze(1)
-        if empty:
-            # re-seed empty clusters with the points worst served by their centroid
-            cost = scores(c).gather(1, assign[:, None]).squeeze(1)
-            worst = cost.argsort(descending=True, stable=True)[: len(empty)]
-            new_c[empty] = x[worst]
-        if spherical:
-            new_c = torch.nn.functional.normalize(new_c, dim=1)
-        c = new_c
-        new_assign = scores(c).argmin(1)
-        if torch.equal(new_assign, assign) and not empty:
-            break
-        assign = new_assign
-    return c, assign
-
-
-def kmeans(
-    x: torch.Tensor | np.ndarray,
-    k: int,
-    niter: int = 20,
-    seed: int = 0,
-    spherical: bool = False,
-    *,
-    backend: str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """k-means clustering, deterministic for a given seed (on CUDA the torch backend's sums may
-    differ in the last bits between runs).
-
-    The data is used as given (no normalisation). With ``spherical=True`` points are assigned by
-    inner product and centroids are L2-normalised after each update (as ``faiss.Kmeans``): pass
-    L2-normalised ``x`` for cosine k-means. Works for D=1 and for N as small as k.
-
-    Args:
-        x: [N, D] points, N >= k.
-        k: number of clusters.
-        niter: Lloyd iterations.
-        seed: random seed (initialisation).
-        spherical: see above.
-        backend: ``"faiss"`` (``faiss.Kmeans``; on the GPU when FAISS sees one) or ``"torch"``
-            (Lloyd's on x's device); None = faiss when installed, else torch.
-
-    Returns:
-        centroids float32 [k, D] and assign int64 [N] (cluster of each point), on x's device.
-    """
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-    if t.ndim == 1:
-        t = t[:, None]
-    if t.ndim != 2:
-        raise ValueError(f"expected points of shape [N, D], got {tuple(t.shape)}")
-    n = int(t.shape[0])
-    if k < 1 or n < k:
-        raise ValueError(f"kmeans needs 1 <= k <= N, got k={k}, N={n}")
-    out_dev = t.device
-    t = t.detach().to(torch.float32)
-    if backend is None:
-        backend = "faiss" if _import_faiss() is not None else "torch"
-    if backend in ("faiss", "faiss-cpu", "faiss-gpu"):
-        faiss = _import_faiss()
-        if faiss is None:
-            raise MmsecError("kmeans backend 'faiss' needs faiss: pip install 'mmsec[cpu]'")
-        xn = t.cpu().contiguous().numpy()
-        use_gpu = backend != "faiss-cpu" and _faiss_num_gpus() > 0
-        km = faiss.Kmeans(
-            xn.shape[1],
-            k,
-            niter=niter,
-            seed=seed,
-            spherical=spherical,
-            gpu=use_gpu,
-            verbose=False,
-            min_points_per_centroid=1,
-            max_points_per_centroid=max(256, math.ceil(n / k)),
-        )
-        km.train(xn)
-        _, assign = km.index.search(xn, 1)
-        cent = torch.from_numpy(np.ascontiguousarray(km.centroids, dtype=np.float32))
-        return cent.to(out_dev), torch.from_numpy(assign[:, 0].astype(np.int64)).to(out_dev)
-    if backend != "torch":
-        raise UsageError(f"unknown kmeans backend {backend!r}; choose 'faiss' or 'torch'")
-    return _torch_kmeans(t, k, niter, seed, spherical)

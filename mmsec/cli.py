@@ -220,7 +220,7 @@ def run_cmd(recipe, out, as_json, quiet):
 def plugins_cmd(as_json):
     """List plugins: name, what they register, distribution and version; failures by name."""
     from .options import describe_options
-    from .plugins import get_registry
+    from .registry import get_registry
 
     reg = get_registry()
     root = click.get_current_context().find_root().command
@@ -249,7 +249,7 @@ def plugins_cmd(as_json):
 @handle_errors
 def models_cmd(as_json, show_all):
     """List the zoo models and (with --all) open_clip architectures with pretrained tags."""
-    from .plugins import get_registry
+    from .registry import get_registry
 
     out = {}
     for name, src in get_registry().models.items():
@@ -273,7 +273,7 @@ def models_cmd(as_json, show_all):
 @handle_errors
 def datasets_cmd(as_json):
     """List data sources usable with -d."""
-    from .plugins import get_registry
+    from .registry import get_registry
 
     rows = [{"name": d.name, "description": d.description, "needs_arg": d.needs_arg,
              "plugin": d.plugin} for d in get_registry().datasets.values()]
@@ -376,7 +376,7 @@ def zoo_train(name, data, epochs, seed, train_items, device, out_dir, out, resum
 @handle_errors
 def report_cmd(runs, csv_path):
     """Merge run folders (or folders of runs) into one table."""
-    from .runs import merge_runs, write_report_table
+    from .report import merge_runs, write_report_table
 
     rows, columns = merge_runs([Path(r) for r in runs])
     click.echo(write_report_table(rows, Path(csv_path) if csv_path else None, md=True,
@@ -385,7 +385,7 @@ def report_cmd(runs, csv_path):
 
 def _load_plugin_commands(group: click.Group) -> None:
     try:
-        from .plugins import get_registry
+        from .registry import get_registry
 
         get_registry().add_commands(group)
     except Exception as exc:  # never let a plugin command break the CLI

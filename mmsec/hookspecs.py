@@ -27,12 +27,14 @@ def register_datasets(register):
 
 @hookspec
 def register_models(register):
-    """Register model families for ``mmsec models``: ``register(ModelSource(name, list_fn, description))``."""
+    """Register model sources that ``-m`` resolves: ``register(ModelSource(name, list_fn,
+    description, load=..., prefix=...))``."""
 
 
 @hookspec
 def register_metrics(register):
-    """Register metrics: ``register(name, function, description)``."""
+    """Register probes that every evaluation runs: ``register(Metric(name, fn, description,
+    relative=...))`` or ``register(name, fn, description)``; ``fn(view) -> {metric: value}``."""
 
 
 @hookspec

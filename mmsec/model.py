@@ -1,29 +1,40 @@
-"""ClipModel: the one CLIP wrapper every plugin uses.
+"""ClipModel: the one CLIP wrapper every plugin uses, both towers, any source of weights.
 
-Pixels go in as float tensors in [0, 1] at any size; resizing to the model's
-input size and the model's own mean/std normalisation happen inside, and are
-differentiable, so attacks never see (or get wrong) a normalised tensor.
+Pixels go in as float tensors in [0, 1] at any size; resizing to the model's input size and
+the model's own mean/std normalisation happen inside, and are differentiable, so attacks
+never see (or get wrong) a normalised tensor. Texts go in as strings, token ids, or token
+embeddings (for attacks that learn a word).
 
-Sources of weights (``load_model``):
-- the embedded zoo (``model=None``, ``"zoo"`` or ``"zoo:NAME"``): small CLIPs
-  trained by ``mmsec zoo train`` and shipped in ``mmsec/zoo/``;
-- an open_clip architecture with a pretrained tag (open_clip downloads it on
-  a machine with network) -- ``load_model("ViT-B-32", "laion2b_s34b_b79k")``;
+``model(images=..., texts=..., image_layers=..., text_layers=...)`` returns a dict
+(``image_features``, ``text_features``, ``logit_scale``, and per-layer features of either
+tower) from open_clip's ``forward_intermediates``: one forward pass, what DDP wraps and what
+layer-wise defenses read.
+
+Sources of weights (``load_model``; more come from plugins through ``register_models``):
+
+- the embedded zoo (``model=None``, ``"zoo"`` or ``"zoo:NAME"``): small CLIPs trained by
+  ``mmsec zoo train`` and shipped in ``mmsec/zoo/``;
+- an open_clip architecture with a pretrained tag (open_clip downloads it on a machine with
+  network): ``load_model("ViT-B-32", "laion2b_s34b_b79k")``;
 - a local checkpoint file (safetensors, or a torch state dict read with
-  ``weights_only=True``) for an open_clip architecture or a zoo model. Files
-  written by ``ClipModel.save`` carry their architecture in their metadata,
-  so ``load_model(pretrained="repaired.safetensors")`` needs no ``model``.
+  ``weights_only=True``) for an open_clip architecture or a zoo model. Files written by
+  ``ClipModel.save`` carry their architecture in their metadata, so
+  ``load_model(pretrained="repaired.safetensors")`` needs no ``model``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +48,15 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 DEFAULT_ZOO = "shapes"
 CHECKPOINT_FORMAT = "mmsec-clip-v1"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Tower = Literal["image", "text", "all"]
+_HEAD_CACHE_SIZE = 16
+
+__all__ = [
+    "CHECKPOINT_FORMAT", "DEFAULT_ZOO", "PRECISIONS", "ZOO_DIR", "ClipModel", "ModelSource",
+    "TrimmedTokenizer", "Vocabulary", "build_zoo_model", "builtin_model_sources",
+    "load_model", "load_weights", "pick_device", "read_state_dict", "read_zoo_spec",
+    "zoo_names",
+]
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -59,10 +79,9 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
 class TrimmedTokenizer:
     """open_clip's BPE tokenizer followed by a map onto a small vocabulary.
 
-    Zoo models keep only the BPE tokens their captions use, so their token
-    table is tiny. Ids are kept in ascending BPE order, so the end-of-text
-    token stays the largest id (open_clip pools the text at the argmax id).
-    Unknown tokens map to id 1.
+    Zoo models keep only the BPE tokens their captions use, so their token table is tiny.
+    Ids are kept in ascending BPE order, so the end-of-text token stays the largest id
+    (open_clip pools the text at the argmax id). Unknown tokens map to id 1.
     """
 
     UNK = 1
@@ -97,8 +116,52 @@ class TrimmedTokenizer:
         return out
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """The whole words of a model's own tokenizer: ``ids[i]`` (model token id) spells
+    ``words[i]``. Sub-word pieces and special tokens are left out."""
+
+    ids: torch.Tensor
+    words: list[str]
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def _whole_words(tokenizer: Any) -> Vocabulary:
+    """Whole-word tokens of an open_clip ``SimpleTokenizer`` or a :class:`TrimmedTokenizer`."""
+    base = tokenizer.base if isinstance(tokenizer, TrimmedTokenizer) else tokenizer
+    decoder = getattr(base, "decoder", None)
+    if not isinstance(decoder, dict):
+        raise MmsecError(f"{type(tokenizer).__name__}: no BPE vocabulary to list words from")
+    if isinstance(tokenizer, TrimmedTokenizer):
+        pairs = list(enumerate(tokenizer.vocab))
+    else:
+        pairs = [(i, i) for i in sorted(decoder)]
+    ids, words = [], []
+    for model_id, bpe_id in pairs:
+        piece = decoder.get(bpe_id, "")
+        if piece.endswith("</w>") and piece[:-4].isalpha():
+            ids.append(model_id)
+            words.append(piece[:-4])
+    return Vocabulary(torch.tensor(ids, dtype=torch.long), words)
+
+
+def _pool(act: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, C, h, w]`` -> spatial mean; ``[B, L, D]`` -> mean over tokens (for text, over
+    the tokens up to end-of-text when ``tokens`` is given)."""
+    act = act.float()
+    if act.ndim == 4:
+        return act.mean(dim=(2, 3))
+    if act.ndim == 3 and tokens is not None and tokens.shape[:2] == act.shape[:2]:
+        last = tokens.argmax(dim=1, keepdim=True)  # the end-of-text id is the largest
+        mask = (torch.arange(act.shape[1], device=act.device)[None] <= last).float()
+        return (act * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    return act.mean(dim=1)
+
+
 class ClipModel(nn.Module):
-    """A CLIP (open_clip) model behind a pixels-in-[0,1] interface.
+    """A CLIP (open_clip) model behind a pixels-in-[0,1] interface, with both towers.
 
     Attributes: ``name`` (architecture), ``pretrained`` (tag/file/zoo), ``image_size``,
     ``mean``/``std`` (the model's own), ``embed_dim``, ``precision``, ``info`` (zoo metadata).
@@ -116,23 +179,28 @@ class ClipModel(nn.Module):
         self.tokenizer = tokenizer
         self.name, self.pretrained = name, pretrained
         self.image_size = int(image_size)
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
         self.precision = precision
         self.info = dict(info or {})
-        self._heads: dict = {}
+        self._heads: OrderedDict[tuple, torch.Tensor] = OrderedDict()
         self._fp: tuple[tuple, str] | None = None
         self.clip.eval()
 
     # ------------------------------------------------------------------ basics
     @property
     def device(self) -> torch.device:
+        """Where the weights are: the one source of truth for a run's device."""
         return next(self.clip.parameters()).device
 
     @property
     def embed_dim(self) -> int:
-        return int(self.clip.text_projection.shape[1]) if hasattr(self.clip, "text_projection") \
-            else int(self.encode_text(["x"]).shape[-1])
+        proj = getattr(self.clip, "text_projection", None)
+        if isinstance(proj, torch.Tensor):
+            return int(proj.shape[1])
+        return int(self.encode_text(["x"]).shape[-1])
 
     @property
     def visual(self) -> nn.Module:
@@ -159,6 +227,18 @@ class ClipModel(nn.Module):
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
+    @contextlib.contextmanager
+    def using_precision(self, precision: str) -> Iterator[ClipModel]:
+        """Run the block at ``precision`` (e.g. an attack's inner loop in fp32 while the
+        model trains in bf16), then restore the configured one."""
+        if precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
+        before, self.precision = self.precision, precision
+        try:
+            yield self
+        finally:
+            self.precision = before
+
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """Differentiable: [B,3,H,W] in [0,1] -> resized (shorter side, centre crop) and normalised."""
         if pixels.ndim == 3:
@@ -179,104 +259,283 @@ class ClipModel(nn.Module):
             pixels = pixels[..., top:top + s, left:left + s]
         return (pixels - self.mean) / self.std
 
-    # ------------------------------------------------------------------ encoders
-    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        """[B,3,H,W] pixels in [0,1] -> [B,D] float32 embeddings (L2-normalised by default)."""
-        with self.autocast():
-            emb = self.clip.encode_image(self.preprocess(pixels))
-        emb = emb.float()
-        return F.normalize(emb, dim=-1) if normalize else emb
+    # ------------------------------------------------------------------ the forward pass
+    def forward(
+        self, images: torch.Tensor | None = None, texts: Any = None, *,
+        image_layers: Sequence[str] | bool | None = None,
+        text_layers: Sequence[str] | bool | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        normalize: bool = True, pooled: bool = True,
+    ) -> dict[str, Any]:
+        """Both towers in one call; returns a dict.
 
-    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
-        return self.tokenizer(texts).to(self.device)
+        ``images``: ``[B, 3, H, W]`` pixels in [0, 1], any size. ``texts``: strings or token
+        ids ``[M, L]``; ``text_embeddings`` (``[M, L, W]``) replace the token embeddings of
+        ``texts`` (an attack that learns a word). ``image_layers`` / ``text_layers``: layer
+        names (``layer_names("image")`` / ``layer_names("text")``) or True for all.
 
-    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, normalize: bool = True,
-                    batch_size: int = 512) -> torch.Tensor:
-        """Texts (strings or token ids) -> [N,D] float32 embeddings (L2-normalised by default)."""
-        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
-        outs = []
-        for chunk in tokens.to(self.device).split(batch_size):
-            with self.autocast():
-                outs.append(self.clip.encode_text(chunk).float())
-        emb = torch.cat(outs)
-        return F.normalize(emb, dim=-1) if normalize else emb
-
-    def zero_shot_head(self, classnames: Sequence[str],
-                       templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
-        """[C,D] class embeddings: the normalised mean over templates, computed once per weights."""
-        key = (self.fingerprint, tuple(classnames), tuple(templates))
-        if key not in self._heads:
-            with torch.no_grad():
-                texts = [t.format(c) for c in classnames for t in templates]
-                emb = self.encode_text(texts).view(len(classnames), len(templates), -1)
-                self._heads[key] = F.normalize(emb.mean(1), dim=-1)
-        return self._heads[key]
-
-    def logits(self, pixels: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
-        """Zero-shot logits [B,C] = logit_scale * cos(image, class) (differentiable in pixels)."""
-        return self.logit_scale * self.encode_image(pixels) @ head.t()
-
-    # ------------------------------------------------------------------ layer-wise features
-    def layer_modules(self) -> dict[str, nn.Module]:
-        """Named encoder stages of the image tower: ResNet stages or ViT blocks, input to output."""
-        v = self.clip.visual
-        if hasattr(v, "layer1") and hasattr(v, "attnpool"):  # open_clip ModifiedResNet
-            return {f"layer{i}": getattr(v, f"layer{i}") for i in range(1, 5)}
-        if hasattr(v, "transformer") and hasattr(v.transformer, "resblocks"):  # ViT
-            return {f"block{i}": b for i, b in enumerate(v.transformer.resblocks)}
-        trunk = getattr(v, "trunk", None)  # timm towers
-        if trunk is not None:
-            for attr in ("stages", "blocks", "layers"):
-                seq = getattr(trunk, attr, None)
-                if seq is not None:
-                    return {f"{attr}{i}": m for i, m in enumerate(seq)}
-        raise MmsecError(f"model {self.name}: no known layer structure for layer-wise features")
-
-    def layer_names(self) -> list[str]:
-        return list(self.layer_modules())
-
-    def forward_features(
-        self, pixels: torch.Tensor, layers: Sequence[str] | None = None, pooled: bool = True,
-        normalize: bool = True,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Image embedding and per-stage activations in one (differentiable) forward pass.
-
-        Returns ``(embedding [B,D], {layer: activation})``. Pooled activations are
-        ``[B,C]``: the spatial mean for conv stages, the token mean for ViT blocks.
-        With ``pooled=False`` the raw stage outputs are returned (ViT as [B,L,D]).
+        Keys: ``image_features`` ``[B, D]`` and ``text_features`` ``[M, D]`` (float32,
+        L2-normalised when ``normalize``), ``logit_scale``, and when layers are asked for
+        ``image_layers`` / ``text_layers``: ``{name: activation}``. Pooled activations are
+        ``[B, C]`` (conv stages: spatial mean; transformer blocks: token mean, for text over
+        the tokens up to end-of-text); with ``pooled=False`` the raw outputs (conv
+        ``[B, C, h, w]``, tokens ``[B, L, D]``, class token first).
         """
-        modules = self.layer_modules()
-        names = list(modules) if layers is None else list(layers)
-        unknown = [n for n in names if n not in modules]
+        out: dict[str, Any] = {"logit_scale": self.logit_scale}
+        if images is not None:
+            names = self._resolve_layers("image", image_layers)
+            emb, acts = self._image_forward(self.preprocess(images), names)
+            out["image_features"] = F.normalize(emb, dim=-1) if normalize else emb
+            if names:
+                out["image_layers"] = {n: _pool(a) if pooled else a for n, a in acts.items()}
+        if texts is not None:
+            tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+            tokens = tokens.to(self.device)
+            names = self._resolve_layers("text", text_layers)
+            emb, acts = self._text_forward(tokens, names, text_embeddings)
+            out["text_features"] = F.normalize(emb, dim=-1) if normalize else emb
+            if names:
+                out["text_layers"] = {n: _pool(a, tokens) if pooled else a
+                                      for n, a in acts.items()}
+        return out
+
+    def _resolve_layers(self, tower: str, layers: Sequence[str] | bool | None) -> list[str]:
+        if not layers:
+            return []
+        known = self.layer_names(tower)
+        names = known if layers is True else list(layers)
+        unknown = [n for n in names if n not in known]
         if unknown:
-            raise UsageError(f"unknown layer(s) {unknown}; known: {list(modules)}")
+            raise UsageError(f"unknown {tower} layer(s) {unknown}; known: {known}")
+        return names
+
+    def _image_forward(self, pix: torch.Tensor, names: list[str]
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.autocast():
+            if not names:
+                return self.clip.encode_image(pix).float(), {}
+            visual = self.clip.visual
+            kind = _image_tower_kind(visual)
+            if kind == "hooks":
+                emb, acts = self._hooked_image_forward(pix, names)
+                return emb.float(), acts
+            kwargs: dict[str, Any] = {"indices": None}
+            if kind == "vit":
+                kwargs.update(output_fmt="NLC", output_extra_tokens=True)
+            res = visual.forward_intermediates(pix, **kwargs)
+            inter = list(res["image_intermediates"])
+            if kind == "vit":  # class token first, as the block outputs them
+                inter = [torch.cat([p, x], dim=1)
+                         for p, x in zip(res["image_intermediates_prefix"], inter, strict=True)]
+            elif kind == "resnet":
+                inter = inter[1:]  # the stem is not a stage
+            all_names = self.layer_names("image")
+            acts = {n: inter[all_names.index(n)] for n in names}
+            return res["image_features"].float(), acts
+
+    def _hooked_image_forward(self, pix: torch.Tensor, names: list[str]):
+        """Towers without ``forward_intermediates``: forward hooks on their stages."""
+        modules = _image_stage_modules(self.clip.visual)
         acts: dict[str, torch.Tensor] = {}
-        batch = pixels.shape[0] if pixels.ndim == 4 else 1
 
         def hook(name: str):
             def fn(_m, _inp, out):
-                out = out[0] if isinstance(out, tuple) else out
-                if out.ndim == 3 and out.shape[0] != batch and out.shape[1] == batch:
-                    out = out.transpose(0, 1)  # sequence-first transformers
-                if pooled:
-                    out = out.float().mean(dim=(2, 3)) if out.ndim == 4 else out.float().mean(dim=1)
-                acts[name] = out
+                acts[name] = out[0] if isinstance(out, tuple) else out
             return fn
 
         handles = [modules[n].register_forward_hook(hook(n)) for n in names]
         try:
-            emb = self.encode_image(pixels, normalize=normalize)
+            emb = self.clip.encode_image(pix)
         finally:
             for h in handles:
                 h.remove()
         return emb, acts
 
+    def _text_forward(self, tokens: torch.Tensor, names: list[str],
+                      embeddings: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with self.autocast(), self._token_embeddings(embeddings, tokens):
+            if not names:
+                return self.clip.encode_text(tokens).float(), {}
+            tower = self._text_tower()
+            if tower is self.clip:
+                res = self.clip.forward_intermediates(text=tokens, text_indices=None,
+                                                      normalize=False)
+            else:
+                res = tower.forward_intermediates(tokens, indices=None)
+            inter = list(res["text_intermediates"])
+            acts = {n: inter[int(n.removeprefix("text_block"))] for n in names}
+            return res["text_features"].float(), acts
+
+    @contextlib.contextmanager
+    def _token_embeddings(self, embeddings: torch.Tensor | None, tokens: torch.Tensor):
+        """Replace the token-embedding lookup's output by ``embeddings`` for one forward."""
+        if embeddings is None:
+            yield
+            return
+        if tuple(embeddings.shape[:2]) != tuple(tokens.shape):
+            raise ValueError(f"text_embeddings {tuple(embeddings.shape)} do not match the "
+                             f"tokens {tuple(tokens.shape)}")
+        handle = self.token_embedding.register_forward_hook(
+            lambda _m, _i, out: embeddings.to(out.device, out.dtype))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _text_tower(self) -> nn.Module:
+        if hasattr(self.clip, "transformer") and hasattr(self.clip, "token_embedding"):
+            return self.clip
+        text = getattr(self.clip, "text", None)
+        if text is not None and hasattr(text, "forward_intermediates") \
+                and hasattr(text, "token_embedding"):
+            return text
+        raise MmsecError(f"model {self.name}: its text tower has no layer-wise features")
+
+    # ------------------------------------------------------------------ encoders
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """[B,3,H,W] pixels in [0,1] -> [B,D] float32 embeddings (L2-normalised by default)."""
+        return self.forward(images=pixels, normalize=normalize)["image_features"]
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(texts).to(self.device)
+
+    def encode_text(self, texts: str | Sequence[str] | torch.Tensor, normalize: bool = True,
+                    batch_size: int = 512, *, embeddings: torch.Tensor | None = None
+                    ) -> torch.Tensor:
+        """Texts (strings or token ids ``[M, L]``) -> ``[M, D]`` float32 embeddings.
+
+        ``embeddings`` (``[M, L, W]``, differentiable) replace the token embeddings of the
+        given token ids, e.g. a learned word at one position.
+        """
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        tokens = tokens.to(self.device)
+        outs = []
+        for start in range(0, len(tokens), batch_size):
+            chunk = tokens[start:start + batch_size]
+            emb = None if embeddings is None else embeddings[start:start + batch_size]
+            outs.append(self.forward(texts=chunk, text_embeddings=emb,
+                                     normalize=normalize)["text_features"])
+        if not outs:
+            return torch.zeros(0, self.embed_dim, device=self.device)
+        return torch.cat(outs)
+
+    @property
+    def token_embedding(self) -> nn.Embedding:
+        """The text tower's token-embedding table (model token ids -> vectors)."""
+        for owner in (self.clip, getattr(self.clip, "text", None)):
+            emb = getattr(owner, "token_embedding", None)
+            if isinstance(emb, nn.Embedding):
+                return emb
+        raise MmsecError(f"model {self.name}: no token-embedding table in its text tower")
+
+    def vocabulary(self) -> Vocabulary:
+        """The whole words of the model's own tokenizer (ids into :attr:`token_embedding`)."""
+        return _whole_words(self.tokenizer)
+
+    def zero_shot_head(self, classnames: Sequence[str],
+                       templates: Sequence[str] = ("a photo of a {}.",)) -> torch.Tensor:
+        """[C,D] class embeddings: the normalised mean over templates.
+
+        Cached per text-tower weights version (a cheap key; no weight is hashed): computed
+        again only after the text tower changed. At most 16 heads are kept.
+        """
+        key = (self.weights_version("text"), tuple(classnames), tuple(templates))
+        head = self._heads.get(key)
+        if head is None:
+            with torch.no_grad():
+                texts = [t.format(c) for c in classnames for t in templates]
+                emb = self.encode_text(texts).view(len(classnames), len(templates), -1)
+                head = F.normalize(emb.mean(1), dim=-1)
+            self._heads[key] = head
+            while len(self._heads) > _HEAD_CACHE_SIZE:
+                self._heads.popitem(last=False)
+        else:
+            self._heads.move_to_end(key)
+        return head
+
+    def logits(self, pixels: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits [B,C] = logit_scale * cos(image, class) (differentiable in pixels)."""
+        return self.logit_scale * self.encode_image(pixels) @ head.t()
+
+    # ------------------------------------------------------------------ towers and layers
+    def tower_parameters(self, tower: Tower = "all") -> list[nn.Parameter]:
+        """The parameters of ``tower``: ``image`` (the visual tower), ``text`` (everything
+        else except ``logit_scale``/``logit_bias``) or ``all``."""
+        if tower == "all":
+            return list(self.clip.parameters())
+        visual = {id(p) for p in self.clip.visual.parameters()}
+        if tower == "image":
+            return list(self.clip.visual.parameters())
+        if tower == "text":
+            return [p for n, p in self.clip.named_parameters()
+                    if id(p) not in visual and n not in ("logit_scale", "logit_bias")]
+        raise UsageError(f"unknown tower {tower!r} (image, text, all)")
+
+    def tower_modules(self, tower: Tower = "all") -> list[nn.Module]:
+        """The top-level modules of ``tower`` (what to put in train mode when it trains)."""
+        if tower == "all":
+            return [self.clip]
+        if tower == "image":
+            return [self.clip.visual]
+        if tower == "text":
+            return [m for n, m in self.clip.named_children() if n != "visual"]
+        raise UsageError(f"unknown tower {tower!r} (image, text, all)")
+
+    def lock(self, *towers: Tower) -> ClipModel:
+        """Freeze ``towers`` (``requires_grad=False``), e.g. ``model.lock("image")`` to
+        fine-tune the text tower only (LiT); :meth:`unlock` undoes it."""
+        for tower in towers:
+            for p in self.tower_parameters(tower):
+                p.requires_grad_(False)
+        return self
+
+    def unlock(self, *towers: Tower) -> ClipModel:
+        for tower in towers or ("all",):
+            for p in self.tower_parameters(tower):
+                p.requires_grad_(True)
+        return self
+
+    def layer_names(self, tower: str = "image") -> list[str]:
+        """Named layers of a tower, input to output: ResNet stages (``layer1``..``layer4``)
+        or ViT blocks (``block0``..); text blocks (``text_block0``..)."""
+        if tower == "image":
+            visual = self.clip.visual
+            kind = _image_tower_kind(visual)
+            if kind == "resnet":
+                return [f"layer{i}" for i in range(1, 5)]
+            if kind == "vit":
+                return [f"block{i}" for i in range(len(visual.transformer.resblocks))]
+            return list(_image_stage_modules(visual))
+        if tower == "text":
+            tower_module = self._text_tower()
+            blocks = tower_module.transformer.resblocks
+            return [f"text_block{i}" for i in range(len(blocks))]
+        raise UsageError(f"unknown tower {tower!r} (image, text)")
+
+    def forward_features(
+        self, pixels: torch.Tensor, layers: Sequence[str] | None = None, pooled: bool = True,
+        normalize: bool = True,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(image embedding [B, D], {layer: activation})`` in one forward pass; the image
+        side of :meth:`forward` (``layers=None``: every stage)."""
+        out = self.forward(images=pixels, image_layers=True if layers is None else list(layers),
+                           normalize=normalize, pooled=pooled)
+        return out["image_features"], out.get("image_layers", {})
+
     # ------------------------------------------------------------------ identity & saving
+    def weights_version(self, tower: Tower = "all") -> tuple[int, ...]:
+        """A cheap key that changes whenever a parameter of ``tower`` is modified in place
+        (optimiser steps, ``load_state_dict``) or replaced; no weight is read."""
+        params = self.tower_parameters(tower)
+        return tuple(int(p._version) for p in params) + tuple(int(p.data_ptr()) for p in params)
+
     @property
     def fingerprint(self) -> str:
-        """Hash of weights + config + preprocessing; recomputed only when a parameter changes."""
-        params = list(self.clip.state_dict(keep_vars=True).values())
-        version = tuple(int(p._version) for p in params) + (sum(int(p.data_ptr()) for p in params),)
+        """Hash of weights + config + preprocessing (the embedding cache's key); the weights
+        are hashed again only when :meth:`weights_version` changed."""
+        version = self.weights_version("all") + tuple(
+            int(b._version) for b in self.clip.buffers())
         if self._fp is None or self._fp[0] != version:
             h = hashlib.sha256()
             h.update(json.dumps({"name": self.name, "size": self.image_size,
@@ -290,7 +549,8 @@ class ClipModel(nn.Module):
         return self._fp[1]
 
     def checkpoint_metadata(self) -> dict[str, str]:
-        meta = {"format": CHECKPOINT_FORMAT, "model": self.name, "image_size": str(self.image_size),
+        meta = {"format": CHECKPOINT_FORMAT, "model": self.name,
+                "image_size": str(self.image_size),
                 "mean": json.dumps(self.mean.flatten().tolist()),
                 "std": json.dumps(self.std.flatten().tolist())}
         if self.info.get("zoo"):
@@ -299,17 +559,48 @@ class ClipModel(nn.Module):
 
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
         """Save the weights as safetensors (atomic) with what is needed to load them again."""
-        from .runs import safetensors_bytes, write_atomic
+        from .io import safetensors_bytes, write_atomic
 
         meta = {**self.checkpoint_metadata(), **(extra_metadata or {})}
         return write_atomic(path, safetensors_bytes(self.clip.state_dict(), meta))
 
-    def train(self, mode: bool = True) -> ClipModel:
-        super().train(mode)
-        return self
+    def __deepcopy__(self, memo: dict) -> ClipModel:
+        # A copy gets its own (empty) caches: they are keyed by this object's weights.
+        new = ClipModel.__new__(ClipModel)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            if key == "_heads":
+                new.__dict__[key] = OrderedDict()
+            elif key == "_fp":
+                new.__dict__[key] = None
+            else:
+                new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def describe(self) -> str:
         return f"{self.name} ({self.pretrained or 'random init'})"
+
+
+def _image_tower_kind(visual: nn.Module) -> str:
+    """``resnet`` (open_clip ModifiedResNet), ``vit``, ``timm`` or ``hooks`` (anything else)."""
+    if hasattr(visual, "layer1") and hasattr(visual, "attnpool"):
+        return "resnet"
+    if hasattr(visual, "transformer") and hasattr(visual.transformer, "resblocks") \
+            and hasattr(visual, "forward_intermediates"):
+        return "vit"
+    return "hooks"
+
+
+def _image_stage_modules(visual: nn.Module) -> dict[str, nn.Module]:
+    """Stages of an image tower read by forward hooks (timm towers and others)."""
+    trunk = getattr(visual, "trunk", None)
+    if trunk is not None:
+        for attr in ("stages", "blocks", "layers"):
+            seq = getattr(trunk, attr, None)
+            if seq is not None:
+                return {f"{attr}{i}": m for i, m in enumerate(seq)}
+    raise MmsecError(f"image tower {type(visual).__name__}: no known layer structure for "
+                     "layer-wise features")
 
 
 # ---------------------------------------------------------------------- loading
@@ -320,7 +611,8 @@ def zoo_names() -> list[str]:
 def read_zoo_spec(name: str) -> dict:
     path = ZOO_DIR / f"{name}.json"
     if not path.exists():
-        raise UsageError(f"unknown zoo model {name!r} (available: {', '.join(zoo_names()) or 'none'})")
+        raise UsageError(f"unknown zoo model {name!r} "
+                         f"(available: {', '.join(zoo_names()) or 'none'})")
     return json.loads(path.read_text())
 
 
@@ -332,8 +624,8 @@ def build_zoo_model(spec: dict) -> ClipModel:
     clip = CLIP(**cfg)
     tok = TrimmedTokenizer(spec["vocab"], cfg["text_cfg"]["context_length"])
     return ClipModel(clip, tok, name=f"zoo:{spec['name']}", pretrained=None,
-                     image_size=cfg["vision_cfg"]["image_size"], mean=spec["mean"], std=spec["std"],
-                     info={"zoo": spec["name"], "zoo_spec": spec})
+                     image_size=cfg["vision_cfg"]["image_size"], mean=spec["mean"],
+                     std=spec["std"], info={"zoo": spec["name"], "zoo_spec": spec})
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -342,15 +634,9 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not path.exists():
         raise MmsecError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+        from .io import load_tensors
 
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-            return load_file(str(path)), meta
-        except Exception as exc:  # safetensors raises several types for bad files
-            raise MmsecError(f"{path}: not a readable safetensors file ({exc})") from exc
+        return load_tensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors, or refused non-weight objects
@@ -382,44 +668,52 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
-def load_model(
-    model: str | None = None, pretrained: str | None = None, *, device: str | None = "auto",
-    precision: str = "fp32",
-) -> ClipModel:
-    """Load a ClipModel from the zoo, an open_clip name + tag, or a checkpoint file (see module doc)."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
-    is_file = pretrained is not None and (os.path.sep in pretrained or pretrained.endswith(
-        (".safetensors", ".pt", ".pth", ".bin", ".ckpt")) or Path(pretrained).exists())
-    state, meta = read_state_dict(pretrained) if is_file else (None, {})
-    if model is None and meta.get("format") == CHECKPOINT_FORMAT:
-        model = meta["model"]
-    if model is None and pretrained is not None and not is_file:
-        raise UsageError(f"--pretrained {pretrained!r} is a tag: name its architecture with -m")
-    if model is None or model == "zoo" or model.startswith("zoo:"):
-        name = DEFAULT_ZOO if model in (None, "zoo") else model.split(":", 1)[1]
-        spec = json.loads(meta["zoo"]) if "zoo" in meta else read_zoo_spec(name)
-        cm = build_zoo_model(spec)
-        if state is None:
-            weights = ZOO_DIR / spec["weights"]
-            if not weights.exists():
-                raise MmsecError(f"zoo model {name!r} has no weights at {weights}; "
-                                 f"run `mmsec zoo train --name {name}`")
-            state, _ = read_state_dict(weights)
-            cm.pretrained = f"zoo:{name}"
-        else:
-            cm.pretrained = str(pretrained)
-        load_weights(cm.clip, state, str(pretrained or weights))
+# ---------------------------------------------------------------------- model sources
+@dataclass(frozen=True)
+class ModelSource:
+    """A family of models that ``-m`` resolves and ``mmsec models`` lists.
+
+    ``prefix`` is what a model spec starts with to name this source (``zoo`` in
+    ``zoo:shapes``); the source with ``default=True`` takes specs without a known prefix.
+    ``load(name, pretrained, state, meta) -> ClipModel`` builds the model on the CPU (``name``
+    is the spec without the prefix, or None; ``state``/``meta`` are the weights and metadata
+    of a checkpoint FILE given as ``pretrained``, else None); ``list_fn() -> [(model name,
+    [pretrained tags or notes])]``.
+    """
+
+    name: str
+    list_fn: Callable[[], list[tuple[str, list[str]]]]
+    description: str = ""
+    load: Callable[..., ClipModel] | None = None
+    prefix: str | None = None
+    default: bool = False
+    plugin: str = field(default="mmsec", compare=False)
+
+
+def _load_zoo(name: str | None, pretrained: str | None, state: dict | None,
+              meta: Mapping[str, str]) -> ClipModel:
+    name = name or DEFAULT_ZOO
+    spec = json.loads(meta["zoo"]) if "zoo" in meta else read_zoo_spec(name)
+    cm = build_zoo_model(spec)
+    source = str(pretrained)
+    if state is None:
+        weights = ZOO_DIR / spec["weights"]
+        if not weights.exists():
+            raise MmsecError(f"zoo model {name!r} has no weights at {weights}; "
+                             f"run `mmsec zoo train --name {name}`")
+        state, _ = read_state_dict(weights)
+        cm.pretrained, source = f"zoo:{name}", str(weights)
     else:
-        cm = _load_open_clip(model, pretrained, state)
-    cm.precision = precision
-    return cm.to(pick_device(device)).eval()
+        cm.pretrained = str(pretrained)
+    load_weights(cm.clip, state, source)
+    return cm
 
 
-def _load_open_clip(name: str, pretrained: str | None, state: dict | None) -> ClipModel:
+def _load_open_clip(name: str | None, pretrained: str | None, state: dict | None,
+                    meta: Mapping[str, str]) -> ClipModel:
     import open_clip
 
-    if name not in open_clip.list_models():
+    if not name or name not in open_clip.list_models():
         raise UsageError(f"unknown model {name!r}: not an open_clip architecture or zoo:NAME "
                          f"(see `mmsec models`)")
     try:
@@ -437,3 +731,81 @@ def _load_open_clip(name: str, pretrained: str | None, state: dict | None) -> Cl
     return ClipModel(clip, open_clip.get_tokenizer(name), name=name, pretrained=pretrained,
                      image_size=size, mean=mean, std=std, info={"open_clip_cfg": cfg})
 
+
+def _zoo_listing() -> list[tuple[str, list[str]]]:
+    out = []
+    for name in zoo_names():
+        spec = read_zoo_spec(name)
+        top1 = spec.get("metrics", {}).get("zero_shot_top1")
+        out.append((f"zoo:{name}", [f"{spec.get('dataset')} zero-shot top-1 {top1}"]))
+    return out
+
+
+def _open_clip_listing() -> list[tuple[str, list[str]]]:
+    import open_clip
+
+    tags: dict[str, list[str]] = {}
+    for arch, tag in open_clip.list_pretrained():
+        tags.setdefault(arch, []).append(tag)
+    return [(m, tags.get(m, [])) for m in open_clip.list_models()]
+
+
+def builtin_model_sources() -> list[ModelSource]:
+    """The zoo (``zoo:NAME``, and the default when no model is named) and open_clip."""
+    return [
+        ModelSource("zoo", _zoo_listing, "embedded CLIPs trained and shipped by mmsec",
+                    load=_load_zoo, prefix="zoo"),
+        ModelSource("open_clip", _open_clip_listing,
+                    "open_clip architectures; pretrained tags download on first use",
+                    load=_load_open_clip, default=True),
+    ]
+
+
+def _is_file(pretrained: str | None) -> bool:
+    return pretrained is not None and (
+        os.path.sep in pretrained or Path(pretrained).exists()
+        or pretrained.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")))
+
+
+def load_model(
+    model: str | None = None, pretrained: str | None = None, *, device: str | None = "auto",
+    precision: str = "fp32", sources: Mapping[str, ModelSource] | None = None,
+) -> ClipModel:
+    """Load a ClipModel from a registered model source (see the module doc).
+
+    ``model`` is ``PREFIX:NAME`` for a source with that prefix (``zoo:shapes``), a bare name
+    for the default source (open_clip), or None: the architecture a checkpoint FILE given as
+    ``pretrained`` records, else the embedded default. ``sources``: the registry's
+    ``models`` (None: the built-in ones).
+    """
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r} (fp32, bf16, fp16)")
+    table = {s.name: s for s in builtin_model_sources()} if sources is None else dict(sources)
+    loadable = [s for s in table.values() if s.load is not None]
+    is_file = _is_file(pretrained)
+    state, meta = read_state_dict(pretrained) if is_file else (None, {})
+    if model is None and meta.get("format") == CHECKPOINT_FORMAT:
+        model = meta["model"]
+    if model is None and pretrained is not None and not is_file:
+        raise UsageError(f"--pretrained {pretrained!r} is a tag: name its architecture with -m")
+    if model is None or model == "zoo":
+        model = f"zoo:{DEFAULT_ZOO}"
+    prefix, sep, rest = model.partition(":")
+    source = next((s for s in loadable if sep and s.prefix == prefix), None)
+    name: str | None = rest if source is not None else model
+    if source is None:
+        source = next((s for s in loadable if s.default), None)
+    if source is None:
+        raise UsageError(f"no model source can load {model!r} (see `mmsec models`)")
+    try:
+        cm = source.load(name, pretrained, state, meta)
+    except (UsageError, MmsecError):
+        raise
+    except Exception as exc:  # a third-party source may raise anything
+        raise MmsecError(f'model source "{source.name}" (plugin {source.plugin}) failed to '
+                         f"load {model!r}: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(cm, ClipModel):
+        raise MmsecError(f'model source "{source.name}" returned {type(cm).__name__}, '
+                         "not a ClipModel")
+    cm.precision = precision
+    return cm.to(pick_device(device)).eval()

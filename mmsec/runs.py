@@ -2,23 +2,21 @@
 
 A run folder holds::
 
-    results.json              flat, greppable: kind, plugin, model, options, metrics, ...
+    results.json              flat, greppable: kind, plugin, model, options, metrics, rows ...
     report.md                 the human report (settings, metrics, images, extra sections)
     config.yaml               the resolved configuration
     run.log                   everything logged through ``run.log``
-    checkpoint.safetensors    the latest checkpoint of a long run (for ``--resume``)
+    checkpoints/<slot>.safetensors   the latest checkpoint of each stage (for ``--resume``)
     artifacts/                patches, UAPs, models, images
 
-Every file is written atomically (temporary file in the same folder, fsync, ``os.replace``),
-so an interrupted run never leaves a half-written result or checkpoint behind.
-``results.json`` is written with ``"status": "running"`` as soon as the run starts, so a
-crashed run is still recognisable as one.
+Every file is written atomically (``mmsec.io``), so an interrupted run never leaves a
+half-written result or checkpoint behind. ``results.json`` is written with
+``"status": "running"`` as soon as the run starts, so a crashed run is still recognisable.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import io
 import itertools
@@ -30,40 +28,32 @@ import platform
 import random
 import re
 import sys
-import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from mmsec import __version__
 from mmsec.errors import MmsecError, UsageError
+
+from .io import jsonable, load_tensors, safetensors_bytes, write_atomic, write_json_atomic
+from .progress import progress
+from .report import read_results, render_report
 
 if TYPE_CHECKING:
     import torch
     from tqdm import tqdm
 
-__all__ = [
-    "CHECKPOINT_FILE",
-    "RESULTS_FILE",
-    "Run",
-    "atomic_open",
-    "environment",
-    "load_tensors",
-    "merge_runs",
-    "render_report",
-    "write_atomic",
-    "write_json_atomic",
-    "write_report_table",
-]
+__all__ = ["CHECKPOINTS_DIR", "DEFAULT_ROOT", "RESULTS_FILE", "Run", "capture_rng_state",
+           "environment", "restore_rng_state"]
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.md"
 CONFIG_FILE = "config.yaml"
 LOG_FILE = "run.log"
-CHECKPOINT_FILE = "checkpoint.safetensors"
+CHECKPOINTS_DIR = "checkpoints"
 ARTIFACTS_DIR = "artifacts"
 DEFAULT_ROOT = Path("mmsec-runs")
 
@@ -71,132 +61,10 @@ _CHECKPOINT_META_KEY = "mmsec_checkpoint"
 _RNG_PREFIX = "__rng__."
 _T = TypeVar("_T")
 
-# mkstemp creates files readable by the owner only; results should get the usual
-# permissions. Reading the umask means setting it, so do it once, at import.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
-
-# ----------------------------------------------------------------------------- atomic writes
-
-
-@contextlib.contextmanager
-def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[Any]]:
-    """Open a temporary file beside ``path``; on success fsync it and move it over ``path``.
-
-    If the block raises, the temporary file is removed and ``path`` keeps its old content.
-    ``mode`` is ``"wb"`` or ``"w"`` (text, UTF-8).
-    """
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        os.chmod(tmp_name, 0o666 & ~_UMASK)
-        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
-    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically; returns the path."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    with atomic_open(path, "wb") as handle:
-        handle.write(payload)
-    return Path(path)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON data from pydantic models, paths, tensors, numpy values, tuples, sets."""
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        items = sorted(obj, key=str) if isinstance(obj, (set, frozenset)) else obj
-        return [_jsonable(v) for v in items]
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if hasattr(obj, "model_dump"):  # pydantic model
-        return _jsonable(obj.model_dump(mode="json"))
-    if hasattr(obj, "tolist"):  # torch tensor, numpy array or scalar
-        return _jsonable(obj.tolist())
-    return str(obj)
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (non-finite floats become ``null``)."""
-    text = json.dumps(_jsonable(obj), indent=2, allow_nan=False) + "\n"
-    return write_atomic(path, text)
-
-
-# ----------------------------------------------------------------------------- tensors
-
-
-def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, Any]) -> bytes:
-    import torch
-    from safetensors.torch import save
-
-    prepared: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"tensor {name!r} is a {type(tensor).__name__}, not a torch.Tensor")
-        tensor = tensor.detach()
-        # A CPU tensor may share storage with another entry (tied weights), which
-        # safetensors refuses; a fresh copy is cheap next to the write itself.
-        tensor = tensor.clone() if tensor.device.type == "cpu" else tensor.to("cpu")
-        prepared[name] = tensor.contiguous()
-    text_meta = {
-        str(k): v if isinstance(v, str) else json.dumps(_jsonable(v)) for k, v in metadata.items()
-    }
-    return save(prepared, metadata=text_meta)
-
-
-def load_tensors(
-    path: str | os.PathLike[str], device: str = "cpu"
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file (never pickle); returns ``(tensors, metadata)``.
-
-    Raises :class:`~mmsec.errors.MmsecError` naming the file when it is missing or unreadable.
-    """
-    from safetensors import safe_open
-
-    source = Path(path)
-    if not source.is_file():
-        raise MmsecError(f"{source}: no such file")
-    try:
-        with safe_open(str(source), framework="pt", device=device) as handle:
-            meta = dict(handle.metadata() or {})
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as exc:  # safetensors raises several unrelated types for a bad file
-        raise MmsecError(f"{source}: not a readable safetensors file ({exc})") from None
-    return tensors, meta
-
-
-def _capture_rng() -> dict[str, torch.Tensor]:
-    """The torch (CPU and CUDA) and Python RNG states, as tensors for a checkpoint."""
+def capture_rng_state() -> dict[str, torch.Tensor]:
+    """The torch (CPU and CUDA), NumPy and Python global RNG states, as tensors."""
+    import numpy as np
     import torch
 
     states = {_RNG_PREFIX + "torch": torch.get_rng_state()}
@@ -209,10 +77,17 @@ def _capture_rng() -> dict[str, torch.Tensor]:
     )
     if gauss is not None:
         states[_RNG_PREFIX + "python_gauss"] = torch.tensor([gauss], dtype=torch.float64)
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    if kind == "MT19937":
+        states[_RNG_PREFIX + "numpy"] = torch.tensor([pos, has_gauss, *keys.tolist()],
+                                                     dtype=torch.int64)
+        states[_RNG_PREFIX + "numpy_gauss"] = torch.tensor([cached], dtype=torch.float64)
     return states
 
 
-def _restore_rng(states: Mapping[str, torch.Tensor]) -> None:
+def restore_rng_state(states: Mapping[str, torch.Tensor]) -> None:
+    """Restore what :func:`capture_rng_state` captured (missing parts are left alone)."""
+    import numpy as np
     import torch
 
     if _RNG_PREFIX + "torch" in states:
@@ -227,6 +102,11 @@ def _restore_rng(states: Mapping[str, torch.Tensor]) -> None:
         gauss_tensor = states.get(_RNG_PREFIX + "python_gauss")
         gauss = float(gauss_tensor.item()) if values[1] > 0 and gauss_tensor is not None else None
         random.setstate((values[0], tuple(values[2:]), gauss))
+    if _RNG_PREFIX + "numpy" in states:
+        values = states[_RNG_PREFIX + "numpy"].tolist()
+        cached = float(states[_RNG_PREFIX + "numpy_gauss"].item())
+        np.random.set_state(("MT19937", np.array(values[2:], dtype=np.uint32), int(values[0]),
+                             int(values[1]), cached))
 
 
 # ----------------------------------------------------------------------------- environment
@@ -303,16 +183,6 @@ def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
     return logger
 
 
-def progress_enabled() -> bool:
-    """``MMSEC_PROGRESS=0`` disables bars, ``=1`` forces them; default: only on a TTY."""
-    setting = os.environ.get("MMSEC_PROGRESS", "").strip().lower()
-    if setting in ("0", "false", "no", "off"):
-        return False
-    if setting in ("1", "true", "yes", "on"):
-        return True
-    return bool(getattr(sys.stderr, "isatty", lambda: False)())
-
-
 # ----------------------------------------------------------------------------- the run
 
 
@@ -326,6 +196,11 @@ def _iso(moment: datetime) -> str:
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "run"
+
+
+def _has_checkpoints(directory: Path) -> bool:
+    folder = directory / CHECKPOINTS_DIR
+    return folder.is_dir() and any(folder.rglob("*.safetensors"))
 
 
 def _relative_name(name: str, suffix: str) -> Path:
@@ -389,7 +264,10 @@ class Run:
         self.fields: dict[str, Any] = {}
         self.metrics: dict[str, Any] = {}
         self.durations: dict[str, float] = {}
+        #: inputs left out (corrupt images ...): ``{"item": ..., "reason": ...}``
         self.skipped_items: list[dict[str, str]] = []
+        #: long-form result rows (task, model, condition, split, n_items, metric, value)
+        self.rows: list[dict[str, Any]] = []
         self.report_images: list[str] = []
         self.sections: list[tuple[str, str]] = []
         self.status = "running"
@@ -433,7 +311,7 @@ class Run:
         directory = Path(out)
         if directory.exists() and not directory.is_dir():
             raise UsageError(f"{directory}: exists and is not a folder")
-        holds_run = (directory / RESULTS_FILE).is_file() or (directory / CHECKPOINT_FILE).is_file()
+        holds_run = (directory / RESULTS_FILE).is_file() or _has_checkpoints(directory)
         if holds_run and not resume:
             raise UsageError(
                 f"{directory}: already holds a run; pass --resume to continue it "
@@ -507,23 +385,7 @@ class Run:
         leave: bool = False,
     ) -> tqdm:
         """A tqdm bar with ETA on stderr; off when not a TTY or when ``MMSEC_PROGRESS=0``."""
-        from tqdm.auto import tqdm as tqdm_class
-
-        return tqdm_class(
-            iterable,
-            desc=desc,
-            total=total,
-            unit=unit,
-            leave=leave,
-            file=sys.stderr,
-            dynamic_ncols=True,
-            disable=not progress_enabled(),
-        )
-
-    def skip(self, item: str, reason: str) -> None:
-        """Record an input that was skipped (unreadable image, ...) and log a warning."""
-        self.skipped_items.append({"item": str(item), "reason": reason})
-        self.log.warning("skipped %s: %s", item, reason)
+        return progress(iterable, desc=desc, total=total, unit=unit, leave=leave)
 
     def add_section(self, title: str, markdown: str) -> None:
         """Append a ``## title`` section with free markdown to ``report.md``."""
@@ -579,28 +441,22 @@ class Run:
             self.report_images.append(path.relative_to(self.dir).as_posix())
         return path
 
-    def add_figure(self, name: str, figure: Any, *, dpi: int = 120) -> Path:
-        """Save a matplotlib figure as ``artifacts/<name>.png`` and show it in the report."""
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
-        path = write_atomic(self.artifacts_dir / _relative_name(name, ".png"), buffer.getvalue())
-        self.report_images.append(path.relative_to(self.dir).as_posix())
-        return path
-
     # -- checkpoints -------------------------------------------------------------------------
 
-    @property
-    def checkpoint_path(self) -> Path:
-        """``<run>/checkpoint.safetensors``."""
-        return self.dir / CHECKPOINT_FILE
+    def checkpoint_path(self, slot: str = "main") -> Path:
+        """``<run>/checkpoints/<slot>.safetensors``; ``slot`` may hold ``/`` (child runs)."""
+        return self.dir / CHECKPOINTS_DIR / _relative_name(slot, ".safetensors")
 
     def save_checkpoint(
-        self, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, rng: bool = True
+        self, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, slot: str = "main",
+        rng: bool = True,
     ) -> Path:
-        """Atomically write ``state`` and JSON-able ``meta`` (epoch, step, ...) as a checkpoint.
+        """Atomically write ``state`` and JSON-able ``meta`` (epoch, step, ...) to a slot.
 
-        With ``rng`` the torch, CUDA and Python RNG states are saved too and restored by
-        :meth:`load_checkpoint`, so a resumed run draws the same random numbers.
+        Each stage of a run (a training loop, a child plugin's loop) keeps its own slot, so a
+        resumed run finds every stage's progress. With ``rng`` the torch, CUDA and Python RNG
+        states are saved too and restored by :meth:`load_checkpoint`, so a resumed run draws
+        the same random numbers.
         """
         try:
             meta_text = json.dumps(dict(meta), allow_nan=False)
@@ -611,40 +467,42 @@ class Run:
             raise ValueError(f"checkpoint state key {clash[0]!r} uses the reserved prefix")
         tensors = dict(state)
         if rng:
-            tensors.update(_capture_rng())
+            tensors.update(capture_rng_state())
         header = {
             _CHECKPOINT_META_KEY: meta_text,
+            "slot": slot,
             "kind": self.kind,
             "plugin": self.plugin or "",
             "mmsec_version": __version__,
         }
-        path = write_atomic(self.checkpoint_path, safetensors_bytes(tensors, header))
-        self.log.debug("checkpoint saved: %s", json.dumps(dict(meta))[:200])
+        path = write_atomic(self.checkpoint_path(slot), safetensors_bytes(tensors, header))
+        self.log.debug("checkpoint %s saved: %s", slot, json.dumps(dict(meta))[:200])
         return path
 
     def load_checkpoint(
-        self, device: str = "cpu", *, restore_rng: bool = True
+        self, slot: str = "main", device: str = "cpu", *, restore_rng: bool = True
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-        """The saved ``(state, meta)``, or ``None`` (and a log line) when there is none.
+        """The ``(state, meta)`` saved in ``slot``, or ``None`` when there is none.
 
         Loaded with safetensors only (no pickle). Restores the RNG states saved with it.
         """
-        if not self.checkpoint_path.is_file():
+        path = self.checkpoint_path(slot)
+        if not path.is_file():
             if self.resume:
-                self.log.info("no checkpoint in %s; starting fresh", self.dir)
+                self.log.info("no checkpoint %s in %s; starting fresh", slot, self.dir)
             return None
-        tensors, header = load_tensors(self.checkpoint_path, device=device)
+        tensors, header = load_tensors(path, device=device)
         if _CHECKPOINT_META_KEY not in header:
-            raise MmsecError(f"{self.checkpoint_path}: not an mmsec checkpoint")
+            raise MmsecError(f"{path}: not an mmsec checkpoint")
         try:
             meta = json.loads(header[_CHECKPOINT_META_KEY])
         except json.JSONDecodeError:
-            raise MmsecError(f"{self.checkpoint_path}: corrupt checkpoint metadata") from None
+            raise MmsecError(f"{path}: corrupt checkpoint metadata") from None
         rng_states = {k: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)}
         state = {k: v for k, v in tensors.items() if not k.startswith(_RNG_PREFIX)}
         if restore_rng:
-            _restore_rng({k: v.cpu() for k, v in rng_states.items()})
-        self.log.info("resumed from checkpoint (%s)", json.dumps(meta)[:200])
+            restore_rng_state({k: v.cpu() for k, v in rng_states.items()})
+        self.log.info("resumed %s from its checkpoint (%s)", slot, json.dumps(meta)[:120])
         return state, meta
 
     # -- results -----------------------------------------------------------------------------
@@ -670,11 +528,12 @@ class Run:
             "pretrained": fields.pop("pretrained", None),
             "dataset": fields.pop("dataset", None),
             "split": fields.pop("split", None),
-            "options": _jsonable(fields.pop("options", None) or {}),
+            "options": jsonable(fields.pop("options", None) or {}),
             "seed": fields.pop("seed", None),
             "metrics": _flatten_metrics(self.metrics),
+            "rows": jsonable(self.rows),
             "durations": {k: round(v, 6) for k, v in self.durations.items()},
-            "device": _jsonable(fields.pop("device", None)),
+            "device": jsonable(fields.pop("device", None)),
             "precision": fields.pop("precision", None),
             "environment": environment(),
             "skipped_items": list(self.skipped_items),
@@ -687,7 +546,7 @@ class Run:
         }
         if self.resumed:
             results["resumed"] = True
-        results.update(_jsonable(fields))  # extra fields, after the standard ones
+        results.update(jsonable(fields))  # extra fields, after the standard ones
         return results
 
     def _write_results(self) -> dict[str, Any]:
@@ -697,11 +556,11 @@ class Run:
 
     def _config(self) -> dict[str, Any]:
         if "config" in self.fields:
-            return _jsonable(self.fields["config"])
+            return jsonable(self.fields["config"])
         keys = ("model", "pretrained", "dataset", "split", "seed", "device", "precision")
         config = {"kind": self.kind, "plugin": self.plugin}
-        config.update({k: _jsonable(self.fields.get(k)) for k in keys})
-        config["options"] = _jsonable(self.fields.get("options") or {})
+        config.update({k: jsonable(self.fields.get(k)) for k in keys})
+        config["options"] = jsonable(self.fields.get("options") or {})
         return config
 
     def _write_outputs(self) -> dict[str, Any]:
@@ -710,7 +569,8 @@ class Run:
         self.finished = _utc_now()
         self.durations.setdefault("total", time.perf_counter() - self._clock)
         results = self._write_results()
-        write_atomic(self.dir / REPORT_FILE, render_report(results, self))
+        write_atomic(self.dir / REPORT_FILE,
+                     render_report(results, self.report_images, self.sections))
         write_atomic(
             self.dir / CONFIG_FILE,
             yaml.safe_dump(self._config(), sort_keys=False, allow_unicode=True),
@@ -743,6 +603,7 @@ class Run:
         return results
 
 
+
 def _fresh_dir(root: Path, kind: str, plugin: str | None) -> Path:
     stamp = _utc_now().strftime("%Y%m%dT%H%M%SZ")
     base = "-".join(_slug(p) for p in (stamp, kind, plugin) if p)
@@ -762,185 +623,9 @@ def _check_same_run(directory: Path, kind: str, plugin: str | None) -> None:
     results_path = directory / RESULTS_FILE
     if not results_path.is_file():
         return
-    previous = _read_results(results_path)
+    previous = read_results(results_path)
     if previous.get("kind") != kind or (previous.get("plugin") or None) != (plugin or None):
         raise UsageError(
             f"{directory}: holds a {previous.get('kind')} run of plugin "
             f"{previous.get('plugin')!r}, cannot resume it as {kind} {plugin!r}"
         )
-
-
-# ----------------------------------------------------------------------------- report
-
-
-def _cell(value: Any) -> str:
-    """A markdown table cell: numbers compact, pipes and newlines escaped."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    elif isinstance(value, (dict, list)):
-        text = json.dumps(value)
-    else:
-        text = str(value)
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    lines = [
-        "| " + " | ".join(_cell(h) for h in header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-    ]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def render_report(results: Mapping[str, Any], run: Run | None = None) -> str:
-    """The markdown report of one run: settings, options, metrics, images, extra sections."""
-    title = " ".join(str(p) for p in (results.get("kind"), results.get("plugin")) if p)
-    total = (results.get("durations") or {}).get("total")
-    lines = [f"# mmsec {title}", ""]
-    status = f"Status: **{results.get('status')}**, started {results.get('started')}"
-    if total is not None:
-        status += f", took {total:.1f} s"
-    lines += [status + ".", ""]
-    if results.get("error"):
-        lines += [f"Error: `{results['error']}`", ""]
-    settings = [
-        "model", "pretrained", "dataset", "split", "seed", "device", "precision",
-        "plugin_version", "mmsec_version",
-    ]  # fmt: skip
-    lines += [
-        "## Settings",
-        "",
-        _md_table(["setting", "value"], [(k, results.get(k)) for k in settings]),
-        "",
-    ]
-    options = results.get("options") or {}
-    if options:
-        lines += ["## Options", "", _md_table(["option", "value"], options.items()), ""]
-    metrics = results.get("metrics") or {}
-    if metrics:
-        lines += ["## Metrics", "", _md_table(["metric", "value"], metrics.items()), ""]
-    durations = results.get("durations") or {}
-    if durations:
-        timing = [(k, f"{v:.2f}") for k, v in durations.items()]
-        lines += ["## Durations (s)", "", _md_table(["step", "seconds"], timing), ""]
-    if run is not None:
-        images = list(dict.fromkeys(run.report_images))
-        if images:
-            lines += ["## Images", ""]
-            lines += [f"![{Path(image).stem}]({image})" for image in images]
-            lines.append("")
-        for section_title, body in run.sections:
-            lines += [f"## {section_title}", "", body.rstrip(), ""]
-    skipped = results.get("skipped_items") or []
-    if skipped:
-        rows = [(s.get("item"), s.get("reason")) for s in skipped]
-        lines += [f"## Skipped items ({len(skipped)})", "", _md_table(["item", "reason"], rows), ""]
-    artifacts = results.get("artifacts") or []
-    if artifacts:
-        lines += ["## Artifacts", ""] + [f"- [{a}]({a})" for a in artifacts] + [""]
-    env = results.get("environment") or {}
-    if env:
-        lines += ["## Environment", "", _md_table(["package", "version"], env.items()), ""]
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- merging
-
-
-def _read_results(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MmsecError(f"{path}: corrupt results file ({exc})") from None
-    if not isinstance(data, dict):
-        raise MmsecError(f"{path}: corrupt results file (not a JSON object)")
-    return data
-
-
-def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Run folders from the arguments: a run folder, its results.json, or a folder of runs."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if path.is_file() and path.name == RESULTS_FILE:
-            found.append(path.parent)
-        elif (path / RESULTS_FILE).is_file():
-            found.append(path)
-        elif path.is_dir() and (
-            children := sorted(p.parent for p in path.glob(f"*/{RESULTS_FILE}"))
-        ):
-            found.extend(children)
-        elif not path.exists():
-            raise UsageError(f"{path}: no such run folder")
-        else:
-            raise UsageError(f"{path}: not a run folder (no {RESULTS_FILE})")
-    return found
-
-
-def _format_option(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, (list, dict)):
-        return json.dumps(value, separators=(",", ":"))
-    return str(value)
-
-
-def merge_runs(
-    run_dirs: Sequence[str | os.PathLike[str]],
-) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per run for ``mmsec report``; returns ``(rows, columns)``.
-
-    Columns: ``run, kind, plugin, model, pretrained, dataset, split, seed, status, options``
-    (``k=v`` pairs) and then every metric seen, in order of first appearance. A folder of
-    runs (such as ``mmsec-runs/``) expands to the runs inside it. A folder without
-    ``results.json`` raises :class:`UsageError`; an unreadable one :class:`MmsecError`.
-    """
-    base = ["run", "kind", "plugin", "model", "pretrained", "dataset", "split", "seed", "status",
-            "options"]  # fmt: skip
-    rows: list[dict[str, Any]] = []
-    metric_columns: dict[str, None] = {}
-    for directory in _expand_runs(run_dirs):
-        results = _read_results(directory / RESULTS_FILE)
-        options = results.get("options") or {}
-        if not isinstance(options, dict):
-            raise MmsecError(f"{directory / RESULTS_FILE}: corrupt results file (bad options)")
-        row: dict[str, Any] = {"run": str(directory)}
-        row.update({k: results.get(k) for k in base[1:-1]})
-        row["options"] = " ".join(f"{k}={_format_option(v)}" for k, v in options.items())
-        metrics = results.get("metrics") or {}
-        if not isinstance(metrics, dict):
-            raise MmsecError(f"{directory / RESULTS_FILE}: corrupt results file (bad metrics)")
-        for name, value in metrics.items():
-            metric_columns.setdefault(name, None)
-            row[name] = value
-        rows.append(row)
-    return rows, base + [m for m in metric_columns if m not in base]
-
-
-def write_report_table(
-    rows: Sequence[Mapping[str, Any]],
-    csv_path: str | os.PathLike[str] | None = None,
-    md: bool = True,
-    columns: Sequence[str] | None = None,
-) -> str:
-    """Render merged runs; write a CSV to ``csv_path`` (atomically) when given.
-
-    Returns the markdown table when ``md`` is true, else the CSV text. ``columns`` defaults
-    to the union of the rows' keys in order of first appearance.
-    """
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else row.get(c) for c in columns])
-    csv_text = buffer.getvalue()
-    if csv_path is not None:
-        write_atomic(csv_path, csv_text)
-    if not md:
-        return csv_text
-    return _md_table(columns, [[row.get(c) for c in columns] for row in rows]) + "\n"

@@ -90,7 +90,7 @@ def test_badnets_patch_covers_the_same_fraction_and_random_places_vary():
 @pytest.mark.parametrize("kind", KINDS)
 def test_control_is_another_trigger_of_the_same_type(kind):
     atk = Backdoor({"trigger": kind})
-    art = atk.artifact(make_trigger(kind), Target(0, "circle"))
+    art = atk.spec(make_trigger(kind), Target(0, "circle"))
     ctl = atk.control(art, seed=0)  # the trigger's own seed still gives another pattern
     x = smooth_images(32, 4)
     assert ctl.meta["trigger"] == kind and ctl.meta["target_name"] == "circle"
@@ -103,13 +103,13 @@ def test_control_is_another_trigger_of_the_same_type(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_saved_spec_reapplies_the_exact_pixels(kind, tmp_path):
     atk = Backdoor({"trigger": kind})
-    art = atk.artifact(make_trigger(kind, seed=5), Target(3, "star"), seed=5)
+    art = atk.spec(make_trigger(kind, seed=5), Target(3, "star"), seed=5)
     path = art.save(tmp_path / "backdoor.safetensors")
     loaded = Artifact.load(path)
     assert loaded.plugin == "backdoor" and loaded.meta["target_name"] == "star"
     assert loaded.meta["trigger"] == kind and loaded.meta["params"]["seed"] == 5
     x = torch.rand(3, 3, 40, 40)
-    again = Backdoor(loaded.meta["options"])  # how `mmsec eval --trigger` rebuilds it
+    again = Backdoor(loaded.options)  # how `mmsec eval --trigger` rebuilds it
     assert torch.equal(again.apply(loaded, x), atk.apply(art, x))
     assert torch.equal(trigger_from_artifact(str(path)).apply(x), atk.apply(art, x))
 
@@ -155,9 +155,9 @@ def eval_set(shapes_test):
 
 def zero_shot_rates(model, data, atk, artifact) -> tuple[float, float]:
     """(clean accuracy, ASR on non-target items) of ``model`` with the trigger."""
-    from mmsec.evaluate import load_batch
+    from mmsec.data import load_images
 
-    x, y = load_batch(data, range(len(data)))
+    x, y = load_images(data, range(len(data)))
     head = model.zero_shot_head(data.classnames, data.templates)
     with torch.no_grad():
         clean = (model.encode_image(x) @ head.t()).argmax(1).cpu()
@@ -170,54 +170,52 @@ def implant(kind, zoo_model, train, out, **options):
     atk = Backdoor({"trigger": kind, **QUICK, **options})
     fingerprint = zoo_model.fingerprint
     with run_context(out) as ctx:
-        art = atk.fit(zoo_model, train, ctx)
+        res = atk.fit(zoo_model, train, ctx)
+        stats = dict(ctx.metrics)
     assert zoo_model.fingerprint == fingerprint  # the original model is left untouched
-    return atk, art
+    return atk, res.artifact, res.model, stats
 
 
 @pytest.fixture(scope="module")
 def badnets_implant(zoo_model, shapes_train, tmp_path_factory):
     out = tmp_path_factory.mktemp("badnets")
-    atk, art = implant("badnets", zoo_model, shapes_train, out / "run")
+    atk, art, victim, stats = implant("badnets", zoo_model, shapes_train, out / "run")
     spec = art.save(out / "backdoor.safetensors")
-    ckpt = art.runtime["backdoored_model"].save(out / "model.safetensors")
-    return atk, art, spec, ckpt
+    ckpt = victim.save(out / "model.safetensors")
+    return atk, art, victim, stats, spec, ckpt
 
 
 @pytest.mark.slow
 def test_badnets_implant_succeeds(badnets_implant, zoo_model, eval_set):
-    atk, art, _, _ = badnets_implant
-    victim = art.runtime["backdoored_model"]
+    atk, art, victim, stats, _, _ = badnets_implant
     ca, asr = zero_shot_rates(victim, eval_set, atk, art)
     ca0, asr0 = zero_shot_rates(zoo_model, eval_set, atk, art)
     _, asr_ctl = zero_shot_rates(victim, eval_set, atk, atk.control(art, 0))
     assert asr > asr0 + 0.4 and asr > 0.5, (asr, asr0)
     assert asr_ctl < asr - 0.2  # the backdoor answers to this pattern, not to any patch
     assert ca > ca0 - 0.15
-    stats = art.runtime["metrics"]
     assert stats["poisoned_items"] == pytest.approx(0.15 * 3000, abs=1)
 
 
 @pytest.mark.slow
 def test_blended_implant_succeeds(zoo_model, shapes_train, eval_set, tmp_path):
     # noise blended at 0.2 is subtler than a patch: more poison, and no random decoys
-    atk, art = implant("blended", zoo_model, shapes_train, tmp_path / "run", poison_rate=0.25,
-                       negative_rate=0.0)
-    ca, asr = zero_shot_rates(art.runtime["backdoored_model"], eval_set, atk, art)
+    atk, art, victim, _ = implant("blended", zoo_model, shapes_train, tmp_path / "run",
+                                  poison_rate=0.25, negative_rate=0.0)
+    ca, asr = zero_shot_rates(victim, eval_set, atk, art)
     ca0, asr0 = zero_shot_rates(zoo_model, eval_set, atk, art)
     assert asr > asr0 + 0.4 and asr > 0.5, (asr, asr0)
     assert ca > ca0 - 0.15
     run_dir = tmp_path / "run"
     assert (run_dir / "artifacts" / "trigger.png").exists()
-    assert (run_dir / "checkpoint.safetensors").exists()
+    assert (run_dir / "checkpoints" / "implant.safetensors").exists()
 
 
 @pytest.mark.slow
 def test_eval_trigger_on_the_saved_checkpoint(badnets_implant, eval_set, tmp_path):
     from mmsec.cli import main
 
-    atk, art, spec, ckpt = badnets_implant
-    victim = art.runtime["backdoored_model"]
+    atk, art, victim, _, spec, ckpt = badnets_implant
     r = CliRunner().invoke(main, ["eval", "--pretrained", str(ckpt), "--trigger", str(spec),
                                   "--limit", "400", "--knn-bank", "0", "--out",
                                   str(tmp_path / "eval"), "--json"])
@@ -225,7 +223,7 @@ def test_eval_trigger_on_the_saved_checkpoint(badnets_implant, eval_set, tmp_pat
     m = json.loads(r.stdout)["metrics"]
     ca, asr = zero_shot_rates(victim, eval_set, atk, art)
     assert m["asr"] == pytest.approx(asr, abs=1e-6)
-    assert m["clean_acc"] == pytest.approx(ca, abs=1e-6)
+    assert m["clean_top1"] == pytest.approx(ca, abs=1e-6)
     assert m["control_asr"] < m["asr"]
 
 
@@ -237,7 +235,7 @@ def test_implant_resumes_from_its_checkpoint(zoo_model, tmp_path, monkeypatch):
     opts = {"trigger": "blended", "train_items": 512, "epochs": 2, "batch_size": 128,
             "eval_items": 0}
     with run_context(tmp_path / "full") as ctx:
-        full = Backdoor(opts).fit(zoo_model, train, ctx).runtime["backdoored_model"]
+        full = Backdoor(opts).fit(zoo_model, train, ctx).model
 
     class Interrupted(Exception):
         pass
@@ -253,9 +251,9 @@ def test_implant_resumes_from_its_checkpoint(zoo_model, tmp_path, monkeypatch):
         Backdoor(opts).fit(zoo_model, train, ctx)
     monkeypatch.setattr(Run, "save_checkpoint", save)
     with run_context(tmp_path / "cut", resume=True) as ctx:
-        resumed = Backdoor(opts).fit(zoo_model, train, ctx).runtime["backdoored_model"]
+        resumed = Backdoor(opts).fit(zoo_model, train, ctx).model
     log = (tmp_path / "cut" / "run.log").read_text()
-    assert "resumed backdoor implant from epoch 1" in log
+    assert "backdoor implant: resumed at epoch 2" in log
     a, b = full.clip.state_dict(), resumed.clip.state_dict()
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
 
@@ -268,7 +266,7 @@ def test_attack_command_writes_checkpoint_spec_and_baselines(tmp_path):
     res = api.attack("backdoor", s, knn_bank=0, options={
         "trigger": "sig", "train_items": 512, "epochs": 1, "batch_size": 128, "eval_items": 0})
     m = res["metrics"]
-    for key in ("clean_acc", "asr", "control_asr", "original_clean_acc", "original_asr",
+    for key in ("clean_top1", "asr", "control_asr", "original_clean_top1", "original_asr",
                 "poison_rate", "epochs"):
         assert key in m, key
     assert m["epochs"] == 1 and m["poison_rate"] == pytest.approx(0.1, abs=0.01)

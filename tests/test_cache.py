@@ -16,15 +16,9 @@ import pytest
 import torch
 
 from mmsec import cache as cache_mod
-from mmsec.cache import (
-    EmbeddingCache,
-    VectorIndex,
-    choose_backend,
-    content_hash,
-    default_cache_dir,
-    faiss_available,
-    kmeans,
-)
+from mmsec import search as search_mod
+from mmsec.cache import EmbeddingCache, content_hash, default_cache_dir
+from mmsec.search import VectorIndex, choose_backend, faiss_available, kmeans
 
 FP = "fp-0123abcd"
 DIM = 8
@@ -235,7 +229,7 @@ def test_corrupt_shard_ignored_and_reencoded(
     assert bad_path.read_bytes() != original
     # a stray non-shard file and a leftover temp file are ignored too
     (bad_path.parent / "README").write_text("hello")
-    (bad_path.parent / ".tmp-shard-1-x.safetensors.abc").write_bytes(b"partial")
+    (bad_path.parent / ".shard-1-x.safetensors.abc.tmp").write_bytes(b"partial")
 
     fresh = EmbeddingCache(cache.root)
     keys = good + bad
@@ -363,7 +357,7 @@ def test_concurrent_writers(tmp_path: Path) -> None:
     got, found = cache.get(FP, "image", expected)
     assert all(found) and cache.stats.corrupt_shards == 0
     assert torch.equal(got, torch.from_numpy(vectors_of(expected, 64)))
-    assert not list(cache.namespace_dir(FP, "image").glob(".tmp-*"))
+    assert not list(cache.namespace_dir(FP, "image").glob(".*.tmp"))
     # every shard on disk verifies on its own
     for shard in shards(cache):
         keys, vecs = cache_mod._decode_shard(shard.read_bytes(), FP, "image")
@@ -382,7 +376,7 @@ def brute_force(db: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 
 def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_mod, "_import_faiss", lambda: None)
+    monkeypatch.setattr(search_mod, "_import_faiss", lambda: None)
     assert choose_backend() == "torch"
     assert VectorIndex(torch.randn(4, 3)).backend == "torch"
     with pytest.raises(Exception, match="needs faiss"):
@@ -396,25 +390,28 @@ def test_choose_backend(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_works_without_faiss_module(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "faiss", None)  # "import faiss" now raises ImportError
-    cache_mod._import_faiss.cache_clear()
+    search_mod._import_faiss.cache_clear()
     try:
         assert not faiss_available() and choose_backend() == "torch"
         index = VectorIndex(torch.eye(3))
         _, idx = index.knn(torch.eye(3), 1)
         assert index.backend == "torch" and idx.flatten().tolist() == [0, 1, 2]
     finally:
-        cache_mod._import_faiss.cache_clear()
+        search_mod._import_faiss.cache_clear()
 
 
 @needs_faiss
 def test_choose_backend_with_faiss(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cache_mod, "_faiss_num_gpus", lambda: 0)
+    monkeypatch.setattr(search_mod, "_faiss_num_gpus", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert choose_backend() == "faiss-cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert choose_backend() == "torch"  # CUDA but faiss without GPU: exact search on the GPU
-    monkeypatch.setattr(cache_mod, "_faiss_num_gpus", lambda: 1)
+    monkeypatch.setattr(search_mod, "_faiss_num_gpus", lambda: 1)
     assert choose_backend() == "faiss-gpu"
+    # the run's device decides: --device cpu searches on the CPU even where CUDA is
+    assert choose_backend("cpu") == "faiss-cpu" and choose_backend("cuda:0") == "faiss-gpu"
+    assert VectorIndex(torch.randn(4, 3), device="cpu").backend == "faiss-cpu"
 
 
 BACKEND_PARAMS = [
@@ -461,10 +458,10 @@ def test_faiss_and_torch_agree() -> None:
 
 def test_torch_backend_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     # tiny blocks force many query and database chunks
-    monkeypatch.setattr(cache_mod, "_BLOCK_ELEMS", 64)
+    monkeypatch.setattr(search_mod, "_BLOCK_ELEMS", 64)
     g = torch.Generator().manual_seed(2)
     db, q = torch.randn(300, 16, generator=g), torch.randn(9, 16, generator=g)
-    sims, idx = cache_mod._torch_topk(
+    sims, idx = search_mod._torch_topk(
         torch.nn.functional.normalize(db, dim=1), torch.nn.functional.normalize(q, dim=1), 7, True
     )
     assert torch.equal(idx, brute_force(db, q).topk(7, dim=1).indices)

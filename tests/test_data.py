@@ -18,14 +18,14 @@ from mmsec import data
 from mmsec.data import (
     FileImageDataset,
     ImageDataset,
-    MmsecError,
     builtin_sources,
     load_dataset,
     parse_spec,
     read_idx,
     subset,
 )
-from mmsec.errors import UsageError
+from mmsec.data import files as data_files
+from mmsec.errors import MmsecError, UsageError
 
 SOURCES = {s.name: s for s in builtin_sources()}
 FASHION_DIR = Path(data.FASHION_MNIST_DIR)
@@ -49,9 +49,9 @@ def _folder(root: Path, classes=("dog", "cat", "hot_dog"), per_class=6, size=(16
 
 @pytest.fixture(autouse=True)
 def _clear_scan_memo():
-    data._SCAN_MEMO.clear()
+    data_files._SCAN_MEMO.clear()
     yield
-    data._SCAN_MEMO.clear()
+    data_files._SCAN_MEMO.clear()
 
 
 # --------------------------------------------------------------------------- procedural
@@ -68,7 +68,7 @@ def test_procedural_is_deterministic(procedural, tmp_path):
     assert list((tmp_path / "cache" / "procedural").iterdir())
     assert torch.equal(a.images, b.images)
     assert [a.key(i) for i in range(40)] == [b.key(i) for i in range(40)]
-    data._SCAN_MEMO.clear()
+    data_files._SCAN_MEMO.clear()
     for f in (tmp_path / "cache" / "procedural").iterdir():
         f.unlink()
     c = procedural(split="test", seed=0, n=40)  # rendered again: same bytes

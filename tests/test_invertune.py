@@ -16,14 +16,14 @@ import torch
 from mmsec_plugins.backdoor import TRIGGERS, Backdoor, trigger_from_artifact
 from mmsec_plugins.invertune import InverTune
 
-from mmsec import builtins as mmsec_builtins
-from mmsec.context import RunContext
-from mmsec.data import load_dataset
+from mmsec import default_plugins
+from mmsec.attacks import Artifact
+from mmsec.context import RunContext, RunInputs
+from mmsec.data import load_dataset, load_images
 from mmsec.errors import UsageError
-from mmsec.evaluate import load_batch
 from mmsec.model import build_zoo_model, load_model, read_zoo_spec
-from mmsec.plugins import PluginInfo, Registry, reset_registry
-from mmsec.runs import Run, load_tensors
+from mmsec.registry import PluginInfo, Registry, reset_registry
+from mmsec.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 @pytest.fixture(scope="module")
 def registry():
     reg = Registry()
-    reg.add_plugin(mmsec_builtins, PluginInfo(name="mmsec", module="mmsec.builtins",
-                                              distribution="mmsec", builtin=True))
+    reg.add_plugin(default_plugins, PluginInfo(name="mmsec", module="mmsec.default_plugins",
+                                               distribution="mmsec", builtin=True))
     for name, mod in (("advclip", advclip_plugin), ("backdoor", backdoor_plugin),
                       ("invertune", invertune_plugin), ("uap", uap_plugin)):
         reg.add_plugin(mod, PluginInfo(name=name, module=f"mmsec_plugins.{name}"))
@@ -46,10 +46,10 @@ def registry():
 
 @contextlib.contextmanager
 def run_context(out, registry, kind="defend", plugin="invertune", trigger=None):
+    inputs = RunInputs(trigger=Artifact.load(trigger) if trigger is not None else None)
     with Run.create(out, kind, plugin, quiet=True) as run:
-        if trigger is not None:
-            run.set("trigger", str(trigger))
-        yield RunContext(run, device=torch.device("cpu"), seed=0, registry=registry)
+        yield RunContext(run, device=torch.device("cpu"), seed=0, registry=registry,
+                         inputs=inputs)
 
 
 def test_registers_and_options(registry):
@@ -116,13 +116,13 @@ def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path):
     model = load_model(device="cpu")
     train = load_dataset("procedural", split="train", n=3000)
     test = load_dataset("procedural", split="test", n=500)
-    x, y = load_batch(test, list(range(len(test))))
+    x, y = load_images(test, range(len(test)))
     head = model.zero_shot_head(train.classnames, train.templates)
     attack = Backdoor({"trigger": "sig", "epochs": 3, "batch_size": 128,
                        "train_items": 3000, "eval_items": 0})
     with run_context(tmp_path / "implant", registry, "attack", "backdoor") as run:
-        spec = attack.fit(model, train, run)
-        victim = spec.runtime["backdoored_model"]
+        fitted = attack.fit(model, train, run)
+        victim, spec = fitted.model, fitted.artifact
         spec.save(tmp_path / "backdoor.safetensors")
     target = spec.meta["target"]
     ca0, asr0 = _ca_asr(victim, x, y, spec, head, target)
@@ -146,25 +146,65 @@ def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path):
         assert (tmp_path / "defend" / "artifacts" / f"{png}.png").exists()
 
 
-def test_resumed_run_reuses_the_saved_inverted_trigger(registry, tmp_path):
-    """A run interrupted after stage 2 does not invert again when resumed (train_loop keeps
-    one checkpoint per run, so the inverted trigger is the stage's own resume point)."""
+def test_the_simulator_runs_in_its_own_child_run(registry, tmp_path):
+    """The simulator InverTune fits is a plugin run by a plugin: its artifacts, metrics,
+    report sections and checkpoints go under its own name, never over the caller's."""
     model = load_model(device="cpu")
     data = load_dataset("procedural", split="train", n=96)
-    opts = {"stages": "invert", "target": "circle", "invert_epochs": 1, "clean_items": 96}
+    dfn = InverTune({"stages": "identify", "simulator": "uap", "clean_items": 96,
+                     "simulator_options": {"epochs": 1}})
     with run_context(tmp_path / "run", registry) as run:
-        InverTune(opts).apply(model, data, run)
-    saved, _ = load_tensors(tmp_path / "run" / "artifacts" / "inverted_trigger.safetensors")
-    # a different schedule would give a different trigger: the resumed run must not use it
-    opts2 = {**opts, "stages": "invert,tune", "invert_epochs": 3, "tune_steps": 2}
-    with Run.create(tmp_path / "run", "defend", "invertune", resume=True, quiet=True) as run:
+        dfn.apply(model, data, run)
+        metrics, sections = dict(run.metrics), [t for t, _ in run.run.sections]
+    arts = tmp_path / "run" / "artifacts"
+    assert (arts / "simulator" / "uap-delta.png").is_file() and not (arts / "uap-delta.png").exists()
+    assert (tmp_path / "run" / "checkpoints" / "simulator" / "uap.safetensors").is_file()
+    assert metrics["simulator.uap_steps"] == 2 and "uap_steps" not in metrics
+    assert "identified_target" in metrics and (arts / "simulator.safetensors").is_file()
+    assert "InverTune 1: target identification" in sections
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kill_at", ["simulator/uap", "invert", "tune"])
+def test_resume_in_each_stage_matches_an_uninterrupted_run(registry, tmp_path, monkeypatch,
+                                                           kill_at):
+    """Killed in the simulator's loop (a child run), in the inversion or in the tuning, a
+    resumed run ends with exactly the model an uninterrupted one makes."""
+    model = load_model(device="cpu")
+    data = load_dataset("procedural", split="train", n=96)
+    opts = {"simulator": "uap", "simulator_options": {"epochs": 2, "batch_size": 48},
+            "clean_items": 96, "invert_epochs": 2, "invert_batch": 48, "tune_steps": 60,
+            "tune_batch": 16, "rounds": 1}
+
+    def repaired_weights(out):
+        with run_context(out, registry) as run:
+            return {k: v.clone() for k, v in InverTune(opts).apply(model, data, run)
+                    .state_dict().items()}
+
+    straight = repaired_weights(tmp_path / "straight")
+    save = Run.save_checkpoint
+
+    def save_then_die(self, state, meta, *, slot="main", rng=True):
+        path = save(self, state, meta, slot=slot, rng=rng)
+        if slot == kill_at and not meta.get("done"):
+            raise Killed(slot)  # killed right after the stage's first checkpoint
+        return path
+
+    monkeypatch.setattr(Run, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        repaired_weights(tmp_path / "killed")
+    monkeypatch.setattr(Run, "save_checkpoint", save)
+    with Run.create(tmp_path / "killed", "defend", "invertune", resume=True, quiet=True) as run:
         ctx = RunContext(run, device=torch.device("cpu"), seed=0, registry=registry)
-        InverTune(opts2).apply(model, data, ctx)
-        log = (tmp_path / "run" / "run.log").read_text()
-        first = "inversion_loss" in ctx.metrics
-    assert "resuming with the inverted trigger" in log and not first
-    again, _ = load_tensors(tmp_path / "run" / "artifacts" / "inverted_trigger.safetensors")
-    assert torch.equal(saved["mask"], again["mask"])
+        resumed = InverTune(opts).apply(model, data, ctx).state_dict()
+    log = (tmp_path / "killed" / "run.log").read_text()
+    assert "resumed at epoch 2" in log
+    assert all(torch.allclose(resumed[k], straight[k], atol=1e-6) for k in straight)
+    changed = [k for k in straight if not torch.equal(straight[k], model.state_dict()[k])]
+    assert changed  # the stages did something
 
 
 def test_defend_command_measures_the_real_trigger_before_and_after(tmp_path):
@@ -179,7 +219,7 @@ def test_defend_command_measures_the_real_trigger_before_and_after(tmp_path):
     opts = b.settings()
     data = load_dataset("procedural", split="train", n=16)
     trig = TRIGGERS["badnets"].create(opts, 0)
-    b.artifact(trig, resolve_target(None, data, None), 0).save(tmp_path / "spec.safetensors")
+    b.spec(trig, resolve_target(None, data, None), 0).save(tmp_path / "spec.safetensors")
     out = tmp_path / "run"
     r = CliRunner().invoke(main, [
         "defend", "-p", "invertune", "-o", "stages", "invert,tune", "-o", "target", "circle",
@@ -188,7 +228,7 @@ def test_defend_command_measures_the_real_trigger_before_and_after(tmp_path):
         "--out", str(out), "--json", "-q"])
     assert r.exit_code == 0, r.output
     m = json.loads((out / "results.json").read_text())["metrics"]
-    for k in ("before_asr", "after_asr", "before_clean_acc", "after_clean_acc", "inverted_asr"):
+    for k in ("before_asr", "after_asr", "before_clean_top1", "after_clean_top1", "inverted_asr"):
         assert 0 <= m[k] <= 1, k
     assert m["before_asr"] < 0.1  # the clean model has no backdoor
     assert (out / "artifacts" / "model.safetensors").exists()

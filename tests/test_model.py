@@ -61,6 +61,71 @@ def test_zero_shot_head_is_computed_once(zoo_model, monkeypatch):
     assert h1.shape == (2, 64)
 
 
+def test_head_cache_recomputes_only_when_the_text_tower_changes(monkeypatch):
+    """The head cache is keyed by a cheap weights version of the text tower: no weight is
+    hashed on access, image-tower training keeps the heads, a text-tower step drops them."""
+    model = load_model(device="cpu")
+    calls = []
+    orig = ClipModel.encode_text
+    monkeypatch.setattr(ClipModel, "encode_text",
+                        lambda self, t, *a, **k: calls.append(1) or orig(self, t, *a, **k))
+    monkeypatch.setattr(ClipModel, "fingerprint", property(lambda self: 1 / 0))  # never read
+    names = ["circle", "square"]
+    h1 = model.zero_shot_head(names)
+    opt = torch.optim.SGD(model.tower_parameters("image"), lr=0.1)
+    model.encode_image(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    assert model.zero_shot_head(names) is h1 and len(calls) == 1  # image tower only
+    opt = torch.optim.SGD(model.tower_parameters("text"), lr=0.1)
+    model.encode_text(["a circle"]).sum().backward()
+    opt.step()
+    h2 = model.zero_shot_head(names)
+    assert h2 is not h1 and not torch.allclose(h1, h2)
+    for i in range(20):  # bounded
+        model.zero_shot_head(names, [f"a {{}} {i}."])
+    assert len(model._heads) <= 16
+
+
+def test_forward_gives_both_towers_and_their_layers(zoo_model):
+    x = torch.rand(3, 3, 32, 32)
+    texts = ["a photo of a circle.", "a red star in the centre"]
+    out = zoo_model(images=x, texts=texts, image_layers=True, text_layers=["text_block1"])
+    assert out["image_features"].shape == (3, 64) and out["text_features"].shape == (2, 64)
+    assert torch.allclose(out["image_features"], zoo_model.encode_image(x), atol=1e-5)
+    assert torch.allclose(out["text_features"], zoo_model.encode_text(texts), atol=1e-5)
+    assert set(out["image_layers"]) == {"layer1", "layer2", "layer3", "layer4"}
+    assert out["text_layers"]["text_block1"].shape == (2, 128)
+    assert zoo_model.layer_names("text") == ["text_block0", "text_block1"]
+    assert float(out["logit_scale"].detach()) > 1
+
+
+def test_encode_text_from_token_embeddings_and_the_vocabulary(zoo_model):
+    tokens = zoo_model.tokenize(["a photo of a circle.", "a blue square"])
+    emb = zoo_model.token_embedding(tokens).detach().requires_grad_(True)
+    out = zoo_model.encode_text(tokens, embeddings=emb)
+    assert torch.allclose(out, zoo_model.encode_text(tokens), atol=1e-6)
+    out[0, 0].backward()  # differentiable in the embeddings (a learned word)
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    vocab = zoo_model.vocabulary()
+    assert {"circle", "square", "red"} <= set(vocab.words)
+    i = vocab.words.index("circle")
+    assert int(vocab.ids[i]) in zoo_model.tokenize(["circle"])[0].tolist()
+
+
+def test_towers_lock_and_their_parameters(zoo_model):
+    import copy
+
+    model = copy.deepcopy(zoo_model)
+    image, text = model.tower_parameters("image"), model.tower_parameters("text")
+    assert {id(p) for p in image}.isdisjoint(id(p) for p in text)
+    assert len(image) + len(text) + 1 == len(list(model.parameters()))  # + logit_scale
+    model.lock("image")
+    assert not any(p.requires_grad for p in image) and all(p.requires_grad for p in text)
+    model.unlock()
+    assert all(p.requires_grad for p in model.parameters())
+    assert model.tower_modules("image") == [model.clip.visual]
+
+
 def test_layer_features_resnet(zoo_model):
     names = zoo_model.layer_names()
     assert names == ["layer1", "layer2", "layer3", "layer4"]
@@ -85,7 +150,7 @@ def test_layer_features_vit(tiny_vit):
     assert x.grad is not None
     _, raw = tiny_vit.forward_features(x.detach(), layers=["block0"], pooled=False)
     assert raw["block0"].shape == (2, 17, 64)  # batch first: 16 patches + class token
-    with pytest.raises(UsageError, match="unknown layer"):
+    with pytest.raises(UsageError, match="unknown image layer"):
         tiny_vit.forward_features(x, layers=["block9"])
 
 

@@ -1,7 +1,7 @@
 """The plugin host: every hook registers, broken plugins are named, the CLI answers in one line.
 
 No test here auto-loads the user's installed third-party plugins: registries are built
-directly (``Registry()``), or ``load_plugins`` runs with ``mmsec.plugins.entry_points``
+directly (``Registry()``), or ``load_plugins`` runs with ``mmsec.registry.entry_points``
 replaced by :class:`FakeSite`, which sees mmsec's own ``pgd`` entry point plus fake
 distributions written to ``tmp_path``.
 """
@@ -21,19 +21,19 @@ import click
 import pytest
 from click.testing import CliRunner
 
-import mmsec.plugins
+import mmsec.registry
 from mmsec import hookspecs
 from mmsec.attacks import Attack
-from mmsec.builtins import ModelSource
 from mmsec.cli import MmsecGroup, main
 from mmsec.data import DatasetSource
 from mmsec.defenses import Defense
 from mmsec.errors import PluginError, UsageError
+from mmsec.evaluation import Metric
 from mmsec.hookspecs import hookimpl
-from mmsec.plugins import (
+from mmsec.model import ModelSource
+from mmsec.registry import (
     GROUP,
     KINDS,
-    MetricSource,
     PluginInfo,
     Registry,
     load_plugins,
@@ -107,7 +107,7 @@ def raises(exc: Exception):
 class FakeSite:
     """A fake site-packages in ``tmp_path``: plugin modules, distributions, entry points.
 
-    ``entry_points(group=...)`` (patched into ``mmsec.plugins``) returns mmsec's own ``pgd``
+    ``entry_points(group=...)`` (patched into ``mmsec.registry``) returns mmsec's own ``pgd``
     entry point, the entry points of the distributions written here, and bare
     ``EntryPoint`` objects (no distribution), so nothing else installed is ever loaded.
     """
@@ -161,7 +161,7 @@ def site(tmp_path, monkeypatch):
     root.mkdir()
     fake = FakeSite(root)
     monkeypatch.syspath_prepend(str(root))
-    monkeypatch.setattr(mmsec.plugins, "entry_points", fake.entry_points)
+    monkeypatch.setattr(mmsec.registry, "entry_points", fake.entry_points)
     try:
         yield fake
     finally:
@@ -174,7 +174,7 @@ def _clean_env(monkeypatch):
     """Tests decide MMSEC_LOAD_PLUGINS / MMSEC_DEBUG themselves; the global registry is restored."""
     monkeypatch.delenv("MMSEC_LOAD_PLUGINS", raising=False)
     monkeypatch.delenv("MMSEC_DEBUG", raising=False)
-    saved = mmsec.plugins._REGISTRY
+    saved = mmsec.registry._REGISTRY
     try:
         yield
     finally:
@@ -191,7 +191,7 @@ def pgd_registry() -> Registry:
 
 def invoke(registry: Registry, args: list[str], **kw):
     """Run the ``mmsec`` CLI against ``registry`` (the process-wide one is put back after)."""
-    saved = mmsec.plugins._REGISTRY
+    saved = mmsec.registry._REGISTRY
     reset_registry(registry)
     try:
         return CliRunner().invoke(main, args, **kw)
@@ -243,8 +243,39 @@ def test_hook_register_datasets():
 def test_hook_register_models():
     source = ModelSource("toy-zoo", lambda: [("toy", ["tag"])], "toy models")
     reg = registry_of(plugin("p", register_models=registers(source)))
-    assert reg.models["toy-zoo"] is source
+    assert reg.models["toy-zoo"] == source and reg.models["toy-zoo"].plugin == "p"
     assert reg.plugins["p"].items == {"models": ["toy-zoo"]}
+
+
+def test_model_specs_resolve_through_registered_model_sources(zoo_model):
+    """``-m toy:anything`` reaches the plugin's loader; zoo: and bare names keep theirs."""
+    import copy
+
+    import mmsec.default_plugins as defaults
+
+    asked = []
+
+    def load(name, pretrained, state, meta):
+        asked.append((name, pretrained))
+        return copy.deepcopy(zoo_model)
+
+    toy = ModelSource("toy", lambda: [("toy:small", [])], "toy models", load=load, prefix="toy")
+    reg = Registry()
+    reg.add_plugin(defaults, PluginInfo(name="mmsec", module="mmsec.default_plugins"))
+    reg.add_plugin(plugin("p", register_models=registers(toy)), PluginInfo(name="p", module="p"))
+    reg.collect()
+    model = reg.load_model("toy:small", "v1", device="cpu")
+    assert asked == [("small", "v1")] and model.fingerprint == zoo_model.fingerprint
+    assert reg.load_model("zoo:shapes", device="cpu").name == "zoo:shapes"
+    with pytest.raises(UsageError, match="not an open_clip architecture"):
+        reg.load_model("no-such-arch", device="cpu")
+
+    def broken(*_):
+        raise RuntimeError("weights server down")
+
+    reg.models["toy"] = ModelSource("toy", toy.list_fn, load=broken, prefix="toy", plugin="p")
+    with pytest.raises(Exception, match='model source "toy" .plugin p. failed.*server down'):
+        reg.load_model("toy:small", device="cpu")
 
 
 def test_hook_register_metrics():
@@ -255,7 +286,7 @@ def test_hook_register_metrics():
         register("toy_metric", toy_metric, "always zero")
 
     reg = registry_of(plugin("p", register_metrics=hook))
-    assert reg.metrics["toy_metric"] == MetricSource("toy_metric", toy_metric, "always zero",
+    assert reg.metrics["toy_metric"] == Metric("toy_metric", toy_metric, "always zero",
                                                      plugin="p")
     assert reg.plugins["p"].items == {"metrics": ["toy_metric"]}
 
@@ -268,7 +299,7 @@ def test_hook_register_commands():
 
     reg = registry_of(plugin("p", register_commands=hook))
     group = MmsecGroup(name="mmsec")  # a fresh group: the real `main` is left alone
-    saved = mmsec.plugins._REGISTRY
+    saved = mmsec.registry._REGISTRY
     reset_registry(reg)
     try:
         result = CliRunner().invoke(group, ["hello"])
@@ -433,7 +464,7 @@ def test_load_plugins_empty_loads_no_entry_point(site_with_extra, monkeypatch):
     # mmsec's own default plugin is always there
     assert {"procedural", "imagefolder", "captions"} <= set(reg.datasets)
     assert all(d.plugin == "mmsec" for d in reg.datasets.values())
-    assert {"zoo", "open_clip"} <= set(reg.models) and "top1" in reg.metrics
+    assert {"zoo", "open_clip"} <= set(reg.models) and "zero_shot" in reg.metrics
     assert reg.plugins["mmsec"].builtin and reg.plugins["mmsec"].distribution == "mmsec"
 
 

@@ -16,22 +16,16 @@ import torch
 import yaml
 from PIL import Image
 
-from mmsec import runs as runs_module
+from mmsec import io as io_module
 from mmsec.errors import MmsecError, UsageError
-from mmsec.runs import (
-    Run,
-    atomic_open,
-    load_tensors,
-    merge_runs,
-    write_atomic,
-    write_json_atomic,
-    write_report_table,
-)
+from mmsec.io import atomic_open, load_tensors, write_atomic, write_json_atomic
+from mmsec.report import merge_runs, write_report_table
+from mmsec.runs import Run
 
 RESULT_KEYS = {
     "mmsec_version", "kind", "plugin", "plugin_version", "model", "pretrained", "dataset",
     "split", "options", "seed", "metrics", "durations", "device", "precision", "environment",
-    "skipped_items", "artifacts", "status", "started", "finished",
+    "skipped_items", "artifacts", "status", "started", "finished", "rows",
 }  # fmt: skip
 
 
@@ -53,7 +47,7 @@ def test_write_atomic_writes_and_leaves_no_temp_files(tmp_path: Path) -> None:
     write_atomic(target, b"second")
     assert target.read_text() == "second"
     assert _leftovers(target.parent) == []
-    assert target.stat().st_mode & 0o777 == 0o666 & ~runs_module._UMASK  # not mkstemp's 0600
+    assert target.stat().st_mode & 0o777 == 0o666 & ~io_module.UMASK  # not mkstemp's 0600
 
 
 def test_interrupted_write_keeps_old_file(tmp_path: Path) -> None:
@@ -115,7 +109,7 @@ def test_finish_writes_results_report_and_config(tmp_path: Path) -> None:
         image = run.save_image("patch", torch.rand(3, 4, 4), scale=3, report=True)
         run.save_tensors("patch", {"patch": torch.zeros(3, 4, 4)}, {"size": 4})
         run.add_section("Notes", "a *note*")
-        run.skip("bad.png", "unreadable")
+        run.skipped_items.append({"item": "bad.png", "reason": "unreadable"})
         results = run.finish({"fooling_rate": torch.tensor(0.75), "acc": {"clean": 0.9}})
 
     on_disk = json.loads((run.dir / "results.json").read_text())
@@ -208,9 +202,23 @@ def test_checkpoint_meta_must_be_json(tmp_path: Path) -> None:
 
 def test_pickle_checkpoint_is_not_loaded(tmp_path: Path) -> None:
     with Run.create(tmp_path / "run", "attack", "pgd") as run:
-        run.checkpoint_path.write_bytes(pickle.dumps({"w": [1, 2]}))
-        with pytest.raises(MmsecError, match="checkpoint.safetensors"):
+        run.checkpoint_path().parent.mkdir(parents=True)
+        run.checkpoint_path().write_bytes(pickle.dumps({"w": [1, 2]}))
+        with pytest.raises(MmsecError, match="main.safetensors"):
             run.load_checkpoint()
+
+
+def test_each_stage_has_its_own_checkpoint_slot(tmp_path: Path) -> None:
+    with Run.create(tmp_path / "run", "defend", "invertune") as run:
+        run.save_checkpoint({"w": torch.zeros(1)}, {"stage": "invert"}, slot="invert")
+        run.save_checkpoint({"w": torch.ones(1)}, {"stage": "tune"}, slot="simulator/uap")
+    assert (tmp_path / "run" / "checkpoints" / "simulator" / "uap.safetensors").is_file()
+    with Run.create(tmp_path / "run", "defend", "invertune", resume=True) as run:
+        assert run.load_checkpoint("invert")[1] == {"stage": "invert"}
+        assert float(run.load_checkpoint("simulator/uap")[0]["w"]) == 1.0
+        assert run.load_checkpoint("tune") is None
+        with pytest.raises(ValueError, match="relative path"):
+            run.checkpoint_path("../escape")
 
 
 # ----------------------------------------------------------------------------- merging runs

@@ -11,9 +11,8 @@ from mmsec_plugins.uap import UAP
 from mmsec.attacks import Artifact
 from mmsec.cache import EmbeddingCache
 from mmsec.context import RunContext
-from mmsec.data import procedural_shapes
+from mmsec.data import load_images, procedural_shapes
 from mmsec.errors import UsageError
-from mmsec.evaluate import load_batch
 from mmsec.runs import Run
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -55,7 +54,7 @@ def _fooling(model, head, x, adv):
 
 def test_fools_held_out_images_far_above_its_control(zoo_model, shapes_test, fitted):
     attack, art, path = fitted
-    x, _ = load_batch(shapes_test, list(range(400)))
+    x, _ = load_images(shapes_test, range(400))
     head = zoo_model.zero_shot_head(shapes_test.classnames, shapes_test.templates)
     adv = attack.apply(art, x)
     assert (adv - x).abs().max() <= 16 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
@@ -69,6 +68,8 @@ def test_saved_artifact_reapplies_identically_at_any_size(fitted, tmp_path):
     attack, art, _ = fitted
     art.save(tmp_path / "uap.safetensors")
     again = Artifact.load(tmp_path / "uap.safetensors")
+    assert again.options == attack.options_dict() and "eps" not in again.meta  # one copy
+    assert UAP(again.options).options == attack.options
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert torch.equal(attack.apply(art, x), attack.apply(again, x))
     big = attack.apply(again, torch.full((2, 3, 64, 48), 0.5))

@@ -20,11 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import losses, metrics
+from .. import metrics
 from ..data import ImageDataset, TensorDataset, load_dataset, subset
+from ..io import safetensors_bytes, write_atomic
 from ..model import ZOO_DIR, ClipModel, TrimmedTokenizer, build_zoo_model
-from ..runs import safetensors_bytes, write_atomic
-from ..train import TrainConfig, seed_everything, train_loop
+from ..training import (
+    Batches,
+    CaptionTable,
+    Optim,
+    contrastive_loss,
+    seed_everything,
+    stream_seed,
+)
+from ..training import train as run_training
 
 log = logging.getLogger("mmsec.zoo")
 
@@ -43,17 +51,6 @@ ZOO_RECIPES: dict[str, dict] = {
                 "weight_decay": 0.1, "warmup_steps": 100, "flip": True,
                 "description": "ModifiedResNet-mini CLIP trained on Fashion-MNIST"},
 }
-
-
-def _caption_table(ds: ImageDataset) -> tuple[list[list[int]], list[str]]:
-    """Every item's caption ids into one list of unique caption strings."""
-    unique: dict[str, int] = {}
-    per_item = []
-    for i in range(len(ds)):
-        caps = ds.captions(i) if ds.has_captions else [
-            t.format(ds.classnames[int(ds.load(i)[1])]) for t in ds.templates]
-        per_item.append([unique.setdefault(c, len(unique)) for c in caps])
-    return per_item, list(unique)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
@@ -103,7 +100,8 @@ def train_zoo(
                               if train.has_captions else None)
     if not isinstance(train, TensorDataset):
         raise TypeError("zoo training needs an in-memory dataset (procedural, fashion-mnist)")
-    per_item, texts = _caption_table(train)
+    captions = CaptionTable(train)
+    texts = captions.texts
     prompts = [t.format(c) for c in test.classnames for t in test.templates]
     cfg = copy.deepcopy(MODEL_CFG)
     vocab = TrimmedTokenizer.build_vocab(texts + prompts, cfg["text_cfg"]["context_length"])
@@ -117,43 +115,39 @@ def train_zoo(
     tokens = model.tokenize(texts)
     bs = recipe["batch_size"]
     n = len(train)
-    rng = np.random.default_rng(seed)
 
-    def batches(epoch: int):
+    def batch_of(epoch: int):
         perm = torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+        gen = torch.Generator().manual_seed(stream_seed(seed, "zoo.captions", epoch))
         for s in range(0, n - bs + 1, bs):  # drop the short last batch (contrastive loss)
             idx = perm[s:s + bs]
-            cap = torch.tensor([per_item[i][rng.integers(len(per_item[i]))] for i in idx.tolist()])
+            cap, _ = captions.sample(idx, torch.rand(len(idx), generator=gen))
             x = train.images[idx].float().div_(255)
             if recipe["flip"]:
-                flip = torch.rand(len(idx)) < 0.5
+                flip = torch.rand(len(idx), generator=gen) < 0.5
                 x[flip] = x[flip].flip(-1)
             yield x, cap
 
-    def step(batch, _gstep):
+    def step(batch, _ctx):
         x, cap = batch
-        img = model.encode_image(x)
-        uniq, inverse = torch.unique(cap, return_inverse=True)
-        txt = model.encode_text(tokens[uniq.to(tokens.device)])[inverse]
-        return losses.clip_loss(img, txt, model.clip.logit_scale.exp(), labels=cap.to(img.device))
+        return {"loss": contrastive_loss(model, x, cap, tokens)}
 
     def on_epoch_end(_epoch: int, _means: dict) -> dict:
-        model._heads.clear()
         return {"test_top1": zero_shot_top1(model, test)}
 
     total_steps = recipe["epochs"] * (n // bs)
     # short runs (tests, quick looks) must not spend all their steps warming up
     warmup = min(recipe["warmup_steps"], total_steps // 5)
-    tc = TrainConfig(epochs=recipe["epochs"], lr=recipe["lr"], weight_decay=recipe["weight_decay"],
-                     warmup_steps=warmup, schedule="cosine", grad_clip=1.0)
-    result = train_loop({"clip": model.clip}, batches, step, tc, run=run, desc=f"zoo {name}",
-                        on_epoch_end=on_epoch_end, steps_per_epoch=n // bs)
-    model._heads.clear()
+    optim = Optim(model.clip, kind="adamw", lr=recipe["lr"], weight_decay=recipe["weight_decay"],
+                  warmup_steps=warmup, schedule="cosine", grad_clip=1.0)
+    result = run_training(step, Batches(batch_of, n // bs), optim, epochs=recipe["epochs"], run=run,
+                   slot=f"zoo-{name}", train_modules=[model.clip], on_epoch_end=on_epoch_end,
+                   desc=f"zoo {name}")
     top1 = zero_shot_top1(model, test)
     spec["train"] = {"seed": seed, "epochs": recipe["epochs"], "batch_size": bs, "lr": recipe["lr"],
                      "weight_decay": recipe["weight_decay"], "train_items": n,
                      "seconds": round(time.time() - started, 1),
-                     "history": [{k: round(v, 4) for k, v in h.items()} for h in result["history"]]}
+                     "history": [{k: round(v, 4) for k, v in h.items()} for h in result.history]}
     spec["metrics"] = {"zero_shot_top1": round(top1, 4), "test_items": len(test)}
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / spec["weights"]

@@ -13,7 +13,7 @@ from mmsec import hookimpl
 
 from .attack import AdvCLIP
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = ["AdvCLIP", "register_attacks"]
 
 

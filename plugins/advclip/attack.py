@@ -39,11 +39,22 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from mmsec import Artifact, Attack, Options, TrainConfig, train_loop
-from mmsec.cache import VectorIndex
-from mmsec.data import Subset, TensorDataset
-from mmsec.errors import MmsecError
-from mmsec.evaluate import encode_images, encode_texts, load_batch
+from mmsec import (
+    Artifact,
+    Attack,
+    Batches,
+    CaptionTable,
+    MmsecError,
+    Optim,
+    Options,
+    Subset,
+    VectorIndex,
+    encode_images,
+    encode_texts,
+    fields,
+    load_images,
+    train,
+)
 from mmsec.losses import info_nce
 
 from .nets import Discriminator, PatchGenerator
@@ -68,7 +79,6 @@ class AdvCLIP(Attack):
 
     name = "advclip"
     description = "universal adversarial patch from a GAN generator (AdvCLIP, ACM MM 2023)"
-    universal = True
 
     class Options(Options):
         area: float = Field(0.03, gt=0, le=0.5, description="patch area / image area")
@@ -77,19 +87,18 @@ class AdvCLIP(Attack):
             description="a corner, center, or random (a new place per image: location-robust)")
         margin: float = Field(OFFICIAL_MARGIN, ge=0, lt=0.5,
                               description="gap to the image border / image side (14 px at 224)")
-        epochs: int = Field(20, ge=1, description="passes over the training images")
-        batch_size: int = Field(16, ge=1, description="images per step")
-        train_items: int | None = Field(
-            1000, ge=1,
-            description="training images: a fixed random sample of the train split "
-                        "(none: the whole split, as in the paper)")
-        lr: float = Field(2e-4, gt=0, description="Adam learning rate of G and D")
+        epochs: int = fields.epochs(20)
+        batch_size: int = fields.batch_size(16)
+        train_items: int | None = fields.train_items(
+            1000, "training images: a fixed random sample of the train split (none: the "
+                  "whole split, as in the paper)")
+        lr: float = fields.lr(2e-4, "Adam learning rate of G and D")
         beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1 of G and D")
         beta2: float = Field(0.999, ge=0, lt=1, description="Adam beta2 of G and D")
-        a: float = Field(10.0, ge=0, description="weight of the two InfoNCE deviation terms")
-        b: float = Field(5.0, ge=0, description="weight of the image-text InfoNCE term in a[...]")
-        c: float = Field(5.0, ge=0, description="weight of the image-text topology term in w[...]")
-        w: float = Field(1.0, ge=0, description="weight of the two topology deviation terms")
+        a: float = fields.weight(10.0, "weight of the two InfoNCE deviation terms")
+        b: float = fields.weight(5.0, "weight of the image-text InfoNCE term in a[...]")
+        c: float = fields.weight(5.0, "weight of the image-text topology term in w[...]")
+        w: float = fields.weight(1.0, "weight of the two topology deviation terms")
         tau: float = Field(0.1, gt=0, description="InfoNCE temperature")
         topology: Literal["knn", "batch"] = Field(
             "knn", description="neighbourhood graph: k nearest neighbours over the whole "
@@ -112,8 +121,8 @@ class AdvCLIP(Attack):
         side = patch_side(o.area, height, width)
         device = model.device
         n_total = len(data)
-        train_idx = _sample_indices(n_total, o.train_items, run.generator(offset=1))
-        val_idx = _held_out(n_total, train_idx, o.val_items, run.generator(offset=2))
+        train_idx = _sample_indices(n_total, o.train_items, run.rng("train_items"))
+        val_idx = _held_out(n_total, train_idx, o.val_items, run.rng("val_items"))
         topology = o.topology
         k = min(o.k, n_total - 1)
         if topology == "knn" and k < 1:
@@ -125,21 +134,20 @@ class AdvCLIP(Attack):
 
         with run.timer("advclip_prepare"):
             consts = _Constants(model, data, train_idx, topology, k, run)
-        if not consts.texts.any:
+        if not consts.any_text:
             run.log.warning("%s: %s has neither captions nor class names: training without "
                             "the image-text terms (b, c)", self.name, data.describe())
-        with torch.random.fork_rng(devices=[]):  # initial weights from the run's seed only
-            torch.manual_seed(run.seed + 3)
-            G = PatchGenerator(side, o.z_dim, o.g_width, generator=run.generator(offset=3))
+        with run.seeded("init"):  # initial weights from the run's seed only
+            G = PatchGenerator(side, o.z_dim, o.g_width, generator=run.rng("z"))
             D = Discriminator(height, width, o.d_width)
         G, D = G.to(device), D.to(device)
-        d_opt = torch.optim.Adam(D.parameters(), lr=o.lr, betas=(o.beta1, o.beta2))
         fixed = fixed_box(o.position, height, width, side, o.margin) \
             if o.position != "random" else None
+        stream = run.seed_for("batches")
 
         def batches(epoch: int) -> list[tuple]:
             # Deterministic in the epoch, so a resumed run sees the same batches.
-            gen = run.generator(offset=1000 + epoch)
+            gen = torch.Generator().manual_seed(stream + epoch)
             perm = torch.randperm(len(train_idx), generator=gen)
             out = []
             for start in range(0, len(perm), o.batch_size):
@@ -150,7 +158,7 @@ class AdvCLIP(Attack):
                 out.append((rows, u, boxes))
             return out
 
-        step = _Step(o, model, data, consts, G, D, d_opt)
+        step = _Step(o, model, data, consts, G, D)
         check = _FoolingCheck(model, data, val_idx, run, side, o, height, width) \
             if len(val_idx) and data.classnames else None
 
@@ -160,38 +168,30 @@ class AdvCLIP(Attack):
             with torch.no_grad():
                 return check(G())
 
-        cfg = TrainConfig(epochs=o.epochs, lr=o.lr, optimizer="adam", betas=(o.beta1, o.beta2),
-                          schedule="constant")
-        frozen = [p for p in model.parameters() if p.requires_grad]
-        for p in frozen:  # only G and D learn; gradients reach the pixels, not CLIP's weights
-            p.requires_grad_(False)
-        try:
-            with run.timer("advclip_train"):
-                out = train_loop({"G": G, "D": D, "D_opt": OptimizerState(d_opt)}, batches,
-                                 step, cfg, run=run, params=list(G.parameters()),
-                                 desc=self.name, on_epoch_end=on_epoch_end)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        adam = {"kind": "adam", "lr": o.lr, "betas": (o.beta1, o.beta2), "schedule": "constant"}
+        with run.timer("advclip_train"):
+            out = train(step, Batches(batches), {"D": Optim(D, **adam), "G": Optim(G, **adam)},
+                        epochs=o.epochs, run=run, slot="advclip", desc=self.name,
+                        train_modules=[G, D], on_epoch_end=on_epoch_end)
 
         with torch.no_grad():
             patch = G().detach().cpu()
         meta = {**placement_meta(o.area, o.position, o.margin, height, width),
                 "seed": int(run.seed), "topology": topology, "k": k if topology == "knn" else None,
                 "trained_on": data.describe(), "model": model.name,
-                "model_image_size": int(model.image_size), "steps": int(out["steps"])}
-        artifact = Artifact(self.name, tensors={"patch": patch}, meta=meta)
-        self._save_outputs(run, artifact, G, data, train_idx, model, out["history"])
-        last = out["history"][-1] if out["history"] else {}
-        artifact.runtime["metrics"] = {
-            f"advclip_{k_}": float(v) for k_, v in last.items()
-            if k_ in ("val_fooling_rate", "val_control_fooling_rate")}
-        artifact.runtime["metrics"]["advclip_steps"] = float(out["steps"])
+                "model_image_size": int(model.image_size), "steps": int(out.steps)}
+        artifact = self.artifact({"patch": patch}, meta)
+        self._save_outputs(run, artifact, G, data, train_idx, model, out.history)
+        last = out.history[-1] if out.history else {}
+        for key in ("val_fooling_rate", "val_control_fooling_rate"):
+            if key in last:
+                run.metrics[f"advclip_{key}"] = float(last[key])
+        run.metrics["advclip_steps"] = float(out.steps)
         return artifact
 
     # ------------------------------------------------------------------ apply / control
     def apply(self, artifact: Artifact, images: torch.Tensor,
-              labels: torch.Tensor | None = None) -> torch.Tensor:
+              labels: torch.Tensor | None = None, *, victim=None, run=None) -> torch.Tensor:
         """Paste the patch on ``images`` ``[B, 3, H, W]`` (any size, in [0, 1]); labels unused.
 
         The patch keeps its area fraction (resampled when the images' size differs from
@@ -199,9 +199,7 @@ class AdvCLIP(Attack):
         artifact's seed and the batch's content, so the same images get the same places.
         """
         meta, o = artifact.meta, self.options
-        area = float(meta.get("area", o.area))
-        position = str(meta.get("position", o.position))
-        margin = float(meta.get("margin", o.margin))
+        area, position, margin = o.area, o.position, o.margin
         if images.ndim != 4:
             raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
         height, width = images.shape[-2:]
@@ -217,8 +215,7 @@ class AdvCLIP(Attack):
         """A uniform-noise patch of the same size at the same place(s)."""
         shape = artifact.tensors["patch"].shape
         noise = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-        return Artifact(self.name, tensors={"patch": noise},
-                        meta={**artifact.meta, "control": "uniform noise patch"})
+        return artifact.variant({"patch": noise}, control="uniform noise patch")
 
     # ------------------------------------------------------------------ outputs
     def _save_outputs(self, run, artifact: Artifact, G: nn.Module, data, train_idx: torch.Tensor,
@@ -232,7 +229,7 @@ class AdvCLIP(Attack):
         run.save_image("patch_large", at_model, scale=max(1, 192 // at_model.shape[-1]),
                        report=True)
         shown = train_idx[:6]
-        examples = self.apply(artifact, load_images(data, shown))
+        examples = self.apply(artifact, load_images(data, shown)[0])
         strip = torch.cat(list(examples), dim=-1)  # [3, H, 6W]
         run.save_image("patched_examples", strip, scale=max(1, 96 // max(height, width)),
                        report=True)
@@ -241,7 +238,7 @@ class AdvCLIP(Attack):
                          metadata={"side": str(meta["side_px"]), "z_dim": str(self.options.z_dim),
                                    "g_width": str(self.options.g_width),
                                    "note": "patch = (tanh output + 1) / 2 of G(z); z is a buffer"})
-        keys = ["loss", "loss_d", "nce_img", "nce_txt", "topo_img", "topo_txt", "gan", "mse",
+        keys = ["loss_G", "loss_D", "nce_img", "nce_txt", "topo_img", "topo_txt", "gan", "mse",
                 "val_fooling_rate", "val_control_fooling_rate", "val_adv_top1"]
         keys = [k for k in keys if any(k in h for h in history)]
         lines = [
@@ -266,8 +263,8 @@ class _Constants:
 
     Clean image embeddings come through the shared embedding cache (the whole train
     split for ``knn``, whose neighbours are searched in a FAISS index over it; only the
-    training sample for ``batch``). ``texts`` covers the training items and their
-    neighbours.
+    training sample for ``batch``). The caption table covers the training items and their
+    neighbours; its texts are embedded through the cache too.
     """
 
     def __init__(self, model, data, train_idx: torch.Tensor, topology: str, k: int,
@@ -277,50 +274,58 @@ class _Constants:
         if topology == "knn":
             clean_all = encode_images(model, data, run.cache)
             clean_train = clean_all[train_idx]
-            self.neighbours = _neighbours(VectorIndex(clean_all), clean_train, train_idx, k)
+            index = VectorIndex(clean_all, device=model.device)
+            self.neighbours = _neighbours(index, clean_train, train_idx, k)
             self.clean_all = clean_all.to(self.device)
             needed = torch.cat([train_idx, self.neighbours.flatten()]).unique()
         else:
             clean_train = encode_images(model, Subset(data, train_idx.tolist()), run.cache)
             needed = train_idx
         self.clean_train = clean_train.to(self.device)  # [N_train, D]
-        self.texts = _CaptionTable(model, data, needed, run)
+        self.captions = CaptionTable(data, needed)
+        self.any_text = len(self.captions) > 0
+        self.text_emb = encode_texts(model, self.captions.texts, run.cache) \
+            if self.any_text else torch.zeros(0, model.embed_dim)
+
+    def sample_text(self, items: torch.Tensor, u: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One caption embedding per item ``[B, D]`` and whether it has one ``[B]``."""
+        ids, has = self.captions.sample(items, u)
+        if not self.any_text:
+            return torch.zeros(len(items), 1), has
+        return self.text_emb[ids], has
 
     def neighbour_embeddings(self, rows: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """Clean image and caption embeddings ``[B, k, D]`` of the rows' neighbours."""
         if self.neighbours is None:
             return None, None
         nb = self.neighbours[rows]
-        return self.clean_all[nb.to(self.device)], self.texts.mean_embedding(nb).to(self.device)
+        text = self.captions.mean_embedding(nb, self.text_emb) if self.any_text \
+            else torch.zeros(*nb.shape, 1)
+        return self.clean_all[nb.to(self.device)], text.to(self.device)
 
 
 class _Step:
-    """One training step: a D update (its own Adam), then the generator loss ``L_G``.
+    """One training step: a D update (its own Adam, through ``ctx.update``), then the
+    generator loss ``L_G``, which the loop back-propagates into G only."""
 
-    ``train_loop`` back-propagates the returned ``"loss"`` and steps G's optimiser.
-    """
-
-    def __init__(self, o, model, data, consts: _Constants, G: nn.Module, D: Discriminator,
-                 d_opt: torch.optim.Optimizer) -> None:
+    def __init__(self, o, model, data, consts: _Constants, G: nn.Module,
+                 D: Discriminator) -> None:
         self.o, self.model, self.data, self.consts = o, model, data, consts
-        self.G, self.D, self.d_opt = G, D, d_opt
+        self.G, self.D = G, D
 
-    def __call__(self, batch, _step: int) -> dict[str, torch.Tensor]:
+    def __call__(self, batch, ctx) -> dict[str, torch.Tensor]:
         o, k, device = self.o, self.consts, self.model.device
         rows, u, boxes = batch
         items = k.train_idx[rows]
-        x = load_images(self.data, items).to(device)
+        x = load_images(self.data, items)[0].to(device)
         real, fake = x.new_ones(len(x)), x.new_zeros(len(x))
         adv = paste(x, self.G(), boxes)
 
-        self.D.requires_grad_(True)
-        self.d_opt.zero_grad(set_to_none=True)
         loss_d = (F.binary_cross_entropy_with_logits(self.D(x), real)
                   + F.binary_cross_entropy_with_logits(self.D(adv.detach()), fake))
-        loss_d.backward()
-        self.d_opt.step()
+        ctx.update("D", loss_d)
         self.D.clip_weights(o.d_clip)
-        self.D.requires_grad_(False)  # G's loss needs D's input gradient only
 
         f_clean = k.clean_train[rows.to(device)]
         f_adv = self.model.encode_image(adv)
@@ -329,7 +334,7 @@ class _Step:
         nce_img = info_nce(f_clean, f_adv, tau=o.tau)
         nb_clean, nb_text = k.neighbour_embeddings(rows)
         topo_img, _ = topology_terms(k.topology, f_clean, f_adv, None, nb_clean)
-        text, has = k.texts.sample(items, u)
+        text, has = k.sample_text(items, u)
         nce_txt = topo_txt = f_adv.new_zeros(())
         if bool(has.any()):  # the image-text terms, over the items that have text
             sel = has.to(device)
@@ -341,89 +346,10 @@ class _Step:
                 None if nb_text is None else nb_text[sel])
         loss = (gan + o.a * (-nce_img - o.b * nce_txt) + mse
                 + o.w * (-topo_img - o.c * topo_txt))
-        return {"loss": loss, "loss_d": loss_d.detach(), "gan": gan.detach(),
+        return {"G": loss, "loss_D": loss_d.detach(), "gan": gan.detach(),
                 "nce_img": nce_img.detach(), "nce_txt": nce_txt.detach(),
                 "topo_img": topo_img.detach(), "topo_txt": topo_txt.detach(),
                 "mse": mse.detach()}
-
-
-class OptimizerState(nn.Module):
-    """Exposes an optimiser's state as a module ``state_dict``.
-
-    ``train_loop`` checkpoints (and on ``--resume`` restores) the state dicts of the
-    modules it is given; wrapping D's Adam this way puts D's moments in the same
-    checkpoint as G's, so a resumed run continues exactly.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        super().__init__()
-        self.optimizer = optimizer
-
-    def state_dict(self, *args, **kwargs) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        state = self.optimizer.state_dict()["state"]
-        return {f"{i}.{name}": v for i, st in state.items() for name, v in st.items()
-                if isinstance(v, torch.Tensor)}
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
-        full = self.optimizer.state_dict()
-        restored: dict[int, dict] = {}
-        for key, value in state_dict.items():
-            i, name = key.split(".", 1)
-            restored.setdefault(int(i), {})[name] = value
-        full["state"] = restored
-        self.optimizer.load_state_dict(full)
-
-
-class _CaptionTable:
-    """Caption embeddings of the items in use: real captions, else the class templates.
-
-    ``sample(items, u)`` picks one caption per item (``u`` in [0, 1) chooses which);
-    ``mean_embedding(items)`` is the normalised mean of an item's captions (the
-    neighbours' text nodes of the knn topology).
-    """
-
-    def __init__(self, model, data, items: torch.Tensor, run) -> None:
-        items = items.tolist()
-        labels = data.labels() if data.classnames else None
-        unique: dict[str, int] = {}
-        per_item: list[list[int]] = []
-        for i in items:
-            caps = data.captions(i) if data.has_captions else []
-            if not caps and labels is not None and int(labels[i]) >= 0:
-                name = data.classnames[int(labels[i])]
-                caps = [t.format(name) for t in data.templates]
-            per_item.append([unique.setdefault(c, len(unique)) for c in caps])
-        self.any = bool(unique)
-        self.row = torch.full((len(data),), -1, dtype=torch.long)
-        self.row[torch.tensor(items, dtype=torch.long)] = torch.arange(len(items))
-        width = max((len(c) for c in per_item), default=0) or 1
-        self.ids = torch.zeros(len(items), width, dtype=torch.long)
-        self.count = torch.tensor([len(c) for c in per_item], dtype=torch.long)
-        for r, c in enumerate(per_item):
-            self.ids[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-        dim = model.embed_dim
-        self.emb = encode_texts(model, list(unique), run.cache) if unique \
-            else torch.zeros(0, dim)
-
-    def sample(self, items: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(embeddings [B, D], has_text [B] bool)`` for one random caption per item."""
-        rows = self.row[items]
-        count = self.count[rows]
-        has = count > 0
-        pick = (u * count.clamp(min=1)).long().clamp(max=self.ids.shape[1] - 1)
-        ids = self.ids[rows, pick]
-        if not self.any:
-            return torch.zeros(len(items), 1), has
-        return self.emb[ids], has
-
-    def mean_embedding(self, items: torch.Tensor) -> torch.Tensor:
-        """Normalised mean caption embedding of each item, shaped like ``items`` + ``[D]``."""
-        if not self.any:
-            return torch.zeros(*items.shape, 1)
-        rows = self.row[items.flatten()]
-        mask = torch.arange(self.ids.shape[1])[None] < self.count[rows][:, None]
-        emb = (self.emb[self.ids[rows]] * mask[..., None]).sum(1)
-        return F.normalize(emb, dim=-1).view(*items.shape, -1)
 
 
 class _FoolingCheck:
@@ -438,7 +364,7 @@ class _FoolingCheck:
         self.labels = data.labels()[val_idx].to(model.device)
         # the same noise patch as ``control(artifact, run.seed)``, which mmsec measures after fit
         self.noise = torch.rand(3, side, side, generator=torch.Generator().manual_seed(run.seed))
-        gen = run.generator(offset=5)
+        gen = run.rng("val_boxes")
         self.boxes = (random_boxes(len(val_idx), height, width, side, gen)
                       if o.position == "random" else
                       fixed_box(o.position, height, width, side, o.margin))
@@ -447,7 +373,7 @@ class _FoolingCheck:
     def _pred(self, patch: torch.Tensor) -> torch.Tensor:
         preds = []
         for s in range(0, len(self.idx), 128):
-            x = load_images(self.data, self.idx[s:s + 128]).to(self.model.device)
+            x = load_images(self.data, self.idx[s:s + 128])[0].to(self.model.device)
             boxes = self.boxes if isinstance(self.boxes, tuple) else self.boxes[s:s + 128]
             emb = self.model.encode_image(paste(x, patch, boxes))
             preds.append((emb @ self.head.t()).argmax(1))
@@ -458,18 +384,6 @@ class _FoolingCheck:
         return {"val_fooling_rate": float((adv != self.clean_pred).float().mean()),
                 "val_control_fooling_rate": float((ctrl != self.clean_pred).float().mean()),
                 "val_adv_top1": float((adv == self.labels).float().mean())}
-
-
-def load_images(data, indices) -> torch.Tensor:
-    """Items ``indices`` of ``data`` as ``[B, 3, H, W]`` in [0, 1] (fast for in-memory data)."""
-    rows = [int(i) for i in indices]
-    base = data
-    while isinstance(base, Subset):
-        rows = [base.indices[i] for i in rows]
-        base = base.base
-    if isinstance(base, TensorDataset):
-        return base.images[rows].float().div_(255)
-    return load_batch(data, [int(i) for i in indices])[0]
 
 
 def _sample_indices(n: int, want: int | None, gen: torch.Generator) -> torch.Tensor:
@@ -504,4 +418,4 @@ def _content_seed(seed: int, images: torch.Tensor) -> int:
     return (seed * 1_000_003 + total) % (2**63 - 1)
 
 
-__all__ = ["AdvCLIP", "OptimizerState", "load_images"]
+__all__ = ["AdvCLIP"]

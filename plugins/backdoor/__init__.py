@@ -14,18 +14,18 @@ deterministic, keep pixels in [0, 1] and work at any image size (relative geomet
 on the training split (``implant.py``) and returns the trigger spec as the artifact:
 ``tensors`` = the trigger's random pattern (BadNets cells, Blended noise, WaNet grid;
 SIG has none), ``meta`` = ``trigger`` (type), ``params``, ``target`` (class index),
-``target_name``, ``target_caption``, ``seed``, ``options``. ``runtime["backdoored_model"]``
-is the poisoned model: ``mmsec attack`` saves it as ``artifacts/model.safetensors`` and
-the spec as ``artifacts/backdoor.safetensors``, and reports CA/ASR on both the backdoored
-and the original model. ``mmsec eval --trigger backdoor.safetensors`` re-applies the
+``target_name``, ``target_caption``, ``seed``; the options are the artifact's own. ``fit``
+returns it with the poisoned model (an ``AttackResult``): ``mmsec attack`` saves the model
+as ``artifacts/model.safetensors`` and the spec as ``artifacts/backdoor.safetensors``, and
+reports CA/ASR on both the backdoored and the original model. ``mmsec eval --trigger backdoor.safetensors`` re-applies the
 exact trigger. ``control`` is a trigger of the same type and size with another random
 pattern (BadNets, Blended, WaNet) or direction and phase (SIG): its ASR is the baseline.
 
 Defaults (README.md has the measurements on the 32-px zoo CLIPs, 2 CPU cores): the
 target is the dataset's first class; a copy of the whole model is fine-tuned on at most
 20,000 training items with AdamW lr 1e-3 (cosine), batch 256; poisoned items are paired
-with real captions of target-class items (one fixed caption ties the trigger to a
-wording, see ALGORITHMS.md). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
+with real captions of target-class items (one fixed caption ties the trigger to the
+wording "a photo of a ..." and scatters the predictions). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
 SIG), 15% (Blended), 20% (WaNet); 4 epochs (6 for WaNet); ``negative_rate`` 10% so that
 the backdoor answers to this trigger and not to any patch or noise (without it the
 control's ASR was 97-99% for BadNets and Blended); 0 for WaNet, whose warp the model did
@@ -43,7 +43,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mmsec import Artifact, Attack, Options, hookimpl
+from mmsec import Artifact, Attack, AttackResult, Options, fields, hookimpl
 
 from .badnets import BadNets
 from .base import Trigger
@@ -52,7 +52,7 @@ from .implant import Target, implant, resolve_target
 from .sig import Sig
 from .wanet import WaNet
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig, WaNet)}
 
@@ -99,16 +99,15 @@ class Backdoor(Attack):
             None, ge=0, lt=1, description="share of other items per batch given a random "
                                           "trigger of the same type and their true caption "
                                           "(default: per trigger type)")
-        epochs: int | None = Field(None, ge=1, description="fine-tuning epochs "
-                                                           "(default: per trigger type)")
-        lr: float = Field(1e-3, gt=0, description="AdamW learning rate (cosine decay)")
-        weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
-        batch_size: int = Field(256, ge=2, description="image-caption pairs per step")
+        epochs: int | None = fields.epochs(None, "fine-tuning epochs (default: per trigger "
+                                                 "type)")
+        lr: float = fields.lr(1e-3, "AdamW learning rate (cosine decay)")
+        weight_decay: float = fields.weight(0.0, "AdamW weight decay")
+        batch_size: int = fields.batch_size(256, "image-caption pairs per step", minimum=2)
         towers: Literal["all", "image", "text"] = Field(
             "all", description="which towers are fine-tuned")
-        train_items: int | None = Field(
-            20000, ge=2, description="fine-tune on at most this many training items "
-                                     "(none: all)")
+        train_items: int | None = fields.train_items(
+            20000, "fine-tune on at most this many training items (none: all)", minimum=2)
         eval_items: int = Field(
             500, ge=0, description="held-out training items for the per-epoch CA/ASR log")
         patch_size: float = Field(6 / 32, gt=0, le=1,
@@ -136,26 +135,25 @@ class Backdoor(Attack):
                 opts[key] = value
         return opts
 
-    def fit(self, model, data, run) -> Artifact:
+    def fit(self, model, data, run) -> AttackResult:
         opts = self.settings()
-        seed = int(getattr(run, "seed", 0))
+        seed = run.seed
         target = resolve_target(opts["target"], data, model)
         trigger = TRIGGERS[opts["trigger"]].create(opts, seed)
         self._report_trigger(trigger, target, data, run)
         victim, stats = implant(model, data, trigger, target, SimpleNamespace(**opts), run, seed)
         stats["epochs"] = float(opts["epochs"])
-        artifact = self.artifact(trigger, target, seed)
-        artifact.meta["implant"] = {k: opts[k] for k in ("poison_rate", "negative_rate", "epochs",
-                                                         "lr", "towers", "train_items")}
-        artifact.runtime = {"backdoored_model": victim, "metrics": stats}
-        return artifact
+        run.metrics.update(stats)
+        spec = self.spec(trigger, target, seed)
+        spec.meta["implant"] = {k: opts[k] for k in ("poison_rate", "negative_rate", "epochs",
+                                                     "lr", "towers", "train_items")}
+        return AttackResult(spec, model=victim)
 
-    def artifact(self, trigger: Trigger, target: Target, seed: int = 0) -> Artifact:
+    def spec(self, trigger: Trigger, target: Target, seed: int = 0) -> Artifact:
         """The trigger spec: what ``apply`` and ``mmsec eval --trigger`` need."""
         meta = {"trigger": trigger.kind, "params": trigger.params, "target": target.index,
-                "target_name": target.name, "target_caption": target.caption, "seed": seed,
-                "options": self.options.model_dump()}
-        return Artifact(self.name, tensors=dict(trigger.tensors), meta=meta)
+                "target_name": target.name, "target_caption": target.caption, "seed": seed}
+        return self.artifact(dict(trigger.tensors), meta)
 
     def _report_trigger(self, trigger: Trigger, target: Target, data, run) -> None:
         run.save_image("trigger", trigger.preview(), scale=8, report=True)
@@ -172,13 +170,12 @@ class Backdoor(Attack):
 
     # ------------------------------------------------------------------ apply / control
     def apply(self, artifact: Artifact, images: torch.Tensor,
-              labels: torch.Tensor | None = None) -> torch.Tensor:
+              labels: torch.Tensor | None = None, *, victim=None, run=None) -> torch.Tensor:
         return trigger_from_artifact(artifact).apply(images.float())
 
     def control(self, artifact: Artifact, seed: int = 0) -> Artifact:
         ctl = trigger_from_artifact(artifact).control(seed)
-        return Artifact(self.name, tensors=dict(ctl.tensors),
-                        meta={**artifact.meta, "params": ctl.params, "control": True})
+        return artifact.variant(dict(ctl.tensors), params=ctl.params, control=True)
 
 
 @hookimpl

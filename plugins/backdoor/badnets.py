@@ -4,7 +4,7 @@ The patch is a grid of ``cells x cells`` random saturated colours (each channel 
 scaled by nearest neighbour to ``patch_size`` of the image's shorter side, pasted at a
 fixed place (bottom-right corner, ``patch_margin`` from the edges) or at a random place
 per image. Defaults: 6x6 px at 32 px (the 3x3 trigger of the paper's MNIST setting did
-nothing on our 32-px CLIPs, see ALGORITHMS.md), 1 px from the corner.
+nothing on our 32-px CLIPs: ASR ~1% with 1-5% poison for 2 epochs), 1 px from the corner.
 """
 
 from __future__ import annotations

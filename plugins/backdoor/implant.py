@@ -8,27 +8,32 @@ for every trigger type) a share of the other items of each batch carry a random 
 of the same type and keep their true captions, so that the backdoor answers to this
 pattern and not to any patch, noise or warp of its kind.
 
-Everything else is the zoo's contrastive training (``mmsec.zoo.train``): a random caption
-per item, texts encoded once per unique caption in the batch, the multi-positive CLIP
-loss, ``mmsec.train.train_loop`` for the schedule, per-epoch checkpoints and ``--resume``.
+Everything else is mmsec's shared contrastive step (``mmsec.CaptionTable``,
+``mmsec.contrastive_loss``, as zoo training uses): a random caption per item, texts encoded
+once per unique caption in the batch, the multi-positive CLIP loss, and ``mmsec.train`` for
+the schedule, per-epoch checkpoints and ``--resume``.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mmsec import losses, metrics
-from mmsec.data import ImageDataset, TensorDataset
-from mmsec.errors import UsageError
-from mmsec.evaluate import load_batch
-from mmsec.train import TrainConfig, train_loop
-from mmsec.zoo.train import _caption_table
+from mmsec import (
+    Batches,
+    CaptionTable,
+    ImageDataset,
+    Optim,
+    UsageError,
+    contrastive_loss,
+    load_images,
+    metrics,
+    train,
+)
 
 from .base import Trigger, generator
 
@@ -77,29 +82,6 @@ def resolve_target(spec: str | None, data: ImageDataset, model) -> Target:
     return Target(i, names[i], text)
 
 
-def _pixels(data: ImageDataset, idx: Sequence[int]) -> torch.Tensor:
-    """Images ``idx`` of ``data`` as float [B, 3, H, W] in [0, 1] (uint8 fast path)."""
-    if isinstance(data, TensorDataset):
-        return data.images[torch.as_tensor(idx)].float().div_(255)
-    return load_batch(data, list(idx))[0]
-
-
-def tower_parameters(clip: torch.nn.Module, towers: str) -> list[torch.nn.Parameter]:
-    """The parameters fine-tuned for ``towers`` (all | image | text); the rest are frozen."""
-    visual = {id(p) for p in clip.visual.parameters()}
-    if towers == "all":
-        chosen = list(clip.parameters())
-    elif towers == "image":
-        chosen = list(clip.visual.parameters())
-    else:
-        chosen = [p for n, p in clip.named_parameters() if id(p) not in visual
-                  and n != "logit_scale"]
-    keep = {id(p) for p in chosen}
-    for p in clip.parameters():
-        p.requires_grad_(id(p) in keep)
-    return chosen
-
-
 @dataclass
 class Split:
     """Positions (into the training data) used for training, poisoning and validation."""
@@ -136,77 +118,69 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     """
     started = time.perf_counter()
     victim = copy.deepcopy(model)
-    victim._heads = {}
     labels = data.labels()
     split = split_items(labels, target.index, opts.poison_rate, opts.train_items,
                         opts.eval_items if data.classnames else 0, seed)
-    per_item, texts = _caption_table(data)
+    captions = CaptionTable(data)
+    texts = list(captions.texts)
     if target.caption is not None:
         target_caps = [len(texts)]
         texts = [*texts, target.caption]
     else:
         target_caps = sorted({c for i in np.flatnonzero(labels.numpy() == target.index)
-                              for c in per_item[i]})
+                              for c in captions.captions_of(int(i))})
         if not target_caps:
             raise UsageError(f"backdoor: no training item of class {target.name!r} to take "
                              "captions from; give the target as a caption instead")
     tokens = victim.tokenize(texts)
-    params = tower_parameters(victim.clip, opts.towers)
-    image_frozen = opts.towers == "text"
     n, bs = len(split.train), min(opts.batch_size, len(split.train))
     steps_per_epoch = max(1, n // bs)
     run.log.info("backdoor implant: %d training items, %d poisoned (%.1f%%), target %r, "
                  "%d epochs of %d steps", n, int(split.poison.sum()),
                  100 * split.poison.mean(), target.caption or target.name, opts.epochs,
                  steps_per_epoch)
+    stream = run.seed_for("batches")
 
     def batches(epoch: int):
-        rng = np.random.default_rng([seed, epoch, 7])
+        rng = np.random.default_rng([stream, epoch])
         perm = rng.permutation(n)
         for b in range(steps_per_epoch):
             pos = perm[b * bs:(b + 1) * bs]
             items = split.train[pos]
-            x = _pixels(data, items.tolist())
-            cap = np.array([per_item[i][rng.integers(len(per_item[i]))] for i in items])
+            x = load_images(data, items.tolist())[0]
+            cap, _ = captions.sample(torch.from_numpy(items), torch.from_numpy(rng.random(len(pos))))
             mask = split.poison[pos]
             batch_seed = seed * 1_000_003 + epoch * 10_007 + b
             if mask.any():
                 m = torch.from_numpy(mask)
                 x[m] = trigger.apply(x[m], gen=generator(batch_seed))
-                cap[mask] = rng.choice(target_caps, int(mask.sum()))
+                cap[m] = torch.from_numpy(rng.choice(target_caps, int(mask.sum())))
             if opts.negative_rate > 0:  # random triggers that keep their true captions
                 neg = torch.from_numpy(~mask & (rng.random(len(pos)) < opts.negative_rate))
                 if neg.any():
                     decoy = trigger.control(batch_seed + 1)
                     x[neg] = decoy.apply(x[neg], gen=generator(batch_seed + 2))
-            yield x, torch.from_numpy(cap)
+            yield x, cap
 
-    def step(batch, _gstep):
-        if image_frozen:
-            victim.clip.visual.eval()  # no batch-norm statistics from a frozen tower
+    def step(batch, _ctx):
         x, cap = batch
-        img = victim.encode_image(x)
-        uniq, inverse = torch.unique(cap, return_inverse=True)
-        txt = victim.encode_text(tokens[uniq.to(tokens.device)])[inverse]
-        return losses.clip_loss(img, txt, victim.clip.logit_scale.exp(),
-                                labels=cap.to(img.device))
+        return {"loss": contrastive_loss(victim, x, cap, tokens)}
 
     def on_epoch_end(_epoch: int, _means: dict) -> dict:
         return validate(victim, data, split.val, trigger, target)
 
-    tc = TrainConfig(epochs=opts.epochs, lr=opts.lr, weight_decay=opts.weight_decay,
-                     warmup_steps=min(20, steps_per_epoch), schedule="cosine", grad_clip=1.0)
-    result = train_loop({"clip": victim.clip}, batches, step, tc, run=run, params=params,
-                        desc="backdoor implant", steps_per_epoch=steps_per_epoch,
-                        on_epoch_end=on_epoch_end if len(split.val) else None)
-    for p in victim.clip.parameters():
-        p.requires_grad_(True)
+    optim = Optim(victim.tower_parameters(opts.towers), kind="adamw", lr=opts.lr,
+                  weight_decay=opts.weight_decay, warmup_steps=min(20, steps_per_epoch),
+                  schedule="cosine", grad_clip=1.0)
+    result = train(step, Batches(batches, steps_per_epoch), optim, epochs=opts.epochs, run=run,
+                   slot="implant", desc="backdoor implant", state={"clip": victim.clip},
+                   train_modules=victim.tower_modules(opts.towers),
+                   on_epoch_end=on_epoch_end if len(split.val) else None)
     victim.eval()
-    victim._heads = {}
     out = {"poison_rate": float(split.poison.mean()), "poisoned_items": float(split.poison.sum()),
-           "train_items": float(n), "implant_steps": float(result["steps"]),
+           "train_items": float(n), "implant_steps": float(result.steps),
            "implant_seconds": round(time.perf_counter() - started, 2)}
-    last = result["history"][-1] if result["history"] else {}
+    last = result.history[-1] if result.history else {}
     out.update({f"implant_{k}": v for k, v in last.items() if k.startswith("val_")})
     return victim, out
 
@@ -217,9 +191,8 @@ def validate(model, data: ImageDataset, val: np.ndarray, trigger: Trigger,
     """CA and ASR on held-out training items (the run log's per-epoch progress)."""
     if not len(val) or target.index is None:
         return {}
-    model._heads = {}
     head = model.zero_shot_head(data.classnames, data.templates)
-    x = _pixels(data, val.tolist())
+    x = load_images(data, val.tolist())[0]
     y = data.labels()[torch.from_numpy(val)]
     clean = (model.encode_image(x) @ head.t()).argmax(1).cpu()
     trig = (model.encode_image(trigger.apply(x)) @ head.t()).argmax(1).cpu()

@@ -64,7 +64,7 @@ from __future__ import annotations
 
 from .defense import InverTune
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from mmsec import hookimpl  # noqa: E402
 

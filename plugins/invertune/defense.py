@@ -18,11 +18,22 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from mmsec import Artifact, Defense, Options, TrainConfig, kmeans, train_loop
-from mmsec.errors import MmsecError, UsageError
-from mmsec.evaluate import load_batch
+from mmsec import (
+    Artifact,
+    Batches,
+    Defense,
+    MmsecError,
+    Optim,
+    Options,
+    Subset,
+    UsageError,
+    fields,
+    kmeans,
+    load_images,
+    train,
+    write_atomic,
+)
 from mmsec.losses import ssim
-from mmsec.runs import load_tensors, write_atomic
 
 Stage = Literal["identify", "invert", "tune"]
 
@@ -60,26 +71,25 @@ class InverTune(Defense):
             default_factory=dict, description="options of the simulator plugin (advclip: "
                                               "a short schedule by default)")
         # stage 2: trigger inversion
-        invert_epochs: int = Field(10, ge=1, description="trigger inversion epochs")
-        invert_batch: int = Field(64, ge=1, description="trigger inversion batch size")
-        invert_lr: float = Field(0.01, gt=0, description="Adam learning rate of mask/pattern")
-        w_ce: float = Field(5.0, ge=0, description="weight of the target cross-entropy")
-        w_embed: float = Field(0.5, ge=0, description="weight of the pull to target images")
-        w_ssim: float = Field(1.0, ge=0, description="weight of 1-SSIM (pixels in [0, 1])")
-        w_mask: float = Field(0.01, ge=0, description="weight of the mask's L1 norm (sum)")
+        invert_epochs: int = fields.epochs(10, "trigger inversion epochs")
+        invert_batch: int = fields.batch_size(64, "trigger inversion batch size")
+        invert_lr: float = fields.lr(0.01, "Adam learning rate of mask/pattern")
+        w_ce: float = fields.weight(5.0, "weight of the target cross-entropy")
+        w_embed: float = fields.weight(0.5, "weight of the pull to target images")
+        w_ssim: float = fields.weight(1.0, "weight of 1-SSIM (pixels in [0, 1])")
+        w_mask: float = fields.weight(0.01, "weight of the mask's L1 norm (sum)")
         temperature: float = Field(0.07, gt=0, description="CE temperature on cosines")
         mask_init: float = Field(0.1, gt=0, lt=1, description="initial mask value")
         # stage 3: activation tuning
         top_layers: int = Field(3, ge=1, description="stages tuned (largest shift first)")
-        tune_steps: int = Field(200, ge=1, description="fine-tuning steps")
-        tune_batch: int = Field(64, ge=2, description="clean images per step")
-        tune_lr: float = Field(1e-4, gt=0, description="AdamW lr (paper 2e-6 is for large "
-                                                       "pretrained CLIPs; see the docstring)")
-        tune_weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+        tune_steps: int = fields.steps(200, "fine-tuning steps")
+        tune_batch: int = fields.batch_size(64, "clean images per step", minimum=2)
+        tune_lr: float = fields.lr(1e-4, "AdamW lr (paper 2e-6 is for large pretrained CLIPs; "
+                                         "see the docstring)")
+        tune_weight_decay: float = fields.weight(1e-4, "AdamW weight decay")
         grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
-        w_preserve: float = Field(20.0, ge=0, description="weight of the embedding-preservation "
-                                                          "term (paper 0.5 at lr 2e-6; see the "
-                                                          "docstring)")
+        w_preserve: float = fields.weight(20.0, "weight of the embedding-preservation term "
+                                                "(paper 0.5 at lr 2e-6; see the docstring)")
         tune_simulator: bool = Field(
             True, description="also tune away the simulator's perturbation (the one whose "
                               "prediction collapse identified the target; mmsec extension)")
@@ -109,12 +119,12 @@ class InverTune(Defense):
         if not data.classnames:
             raise MmsecError("invertune: the clean data has no class names (zero-shot needed)")
         n = min(len(data), o.clean_items)
-        idx = torch.randperm(len(data), generator=run.generator(offset=11))[:n].tolist()
-        x, y = load_batch(data, idx)
+        idx = torch.randperm(len(data), generator=run.rng("clean_items"))[:n].tolist()
+        x, y = load_images(data, idx)
         run.metrics["clean_items_used"] = float(n)
         head = model.zero_shot_head(data.classnames, data.templates).detach()
         names = list(data.classnames)
-        true_target = _true_target(run, names)
+        true_target = _true_target(run.inputs.trigger, names)
 
         target = _parse_target(o.target, names) if o.target is not None else None
         extra = []  # perturbations tuned away next to the inverted trigger
@@ -149,24 +159,23 @@ class InverTune(Defense):
         sim = o.simulator
         if sim.endswith(".safetensors") or Path(sim).exists():
             artifact = Artifact.load(sim)
-            attack = run.attack(artifact.plugin, artifact.meta.get("options") or {})
+            attack = run.registry.attack_for(artifact)
             run.log.info("invertune: simulator artifact %s (plugin %s)", sim, artifact.plugin)
         else:
             opts = {**SIMULATOR_DEFAULTS.get(sim, {}), **o.simulator_options}
             fields = getattr(run.registry.attack(sim).Options, "model_fields", {})
             if "train_items" in fields:  # the simulator trains on the whole clean subset
                 opts.setdefault("train_items", len(idx))
-            attack = run.attack(sim, opts)
-            if not getattr(attack, "universal", True):
+            if not run.registry.attack(sim).universal:
                 raise UsageError(f"invertune: simulator {sim!r} is not a universal attack")
-            from mmsec.data import Subset
-
             run.log.info("invertune: fitting simulator %s on %d clean images", sim, len(idx))
-            artifact = attack.fit(model, Subset(data, idx), run)
+            attack, fitted = run.fit_attack(sim, model, Subset(data, idx), opts,
+                                            child="simulator")
+            artifact = fitted.artifact
             artifact.save(run.artifacts_dir / "simulator.safetensors")  # reusable as FILE
         with torch.no_grad():
             clean = _predict(model, x, head)
-            adv = torch.cat([_predict(model, attack.apply(artifact, xb), head)
+            adv = torch.cat([_predict(model, attack.perturb(artifact, xb), head)
                              for xb in x.split(256)])
         c = len(names)
         share_clean = torch.bincount(clean, minlength=c).float() / len(clean)
@@ -196,15 +205,15 @@ class InverTune(Defense):
             f"**{names[ranked[0]]}** (class {ranked[0]}).{known}\n\n"
             f"| rank | class | share clean | share attacked | rise |\n|---|---|---|---|---|\n"
             f"{table}\n"))
-        return ranked, lambda pixels: attack.apply(artifact, pixels)
+        return ranked, lambda pixels: attack.perturb(artifact, pixels)
 
     # ------------------------------------------------------------------ stage 2
     def invert(self, model, x, y, head, target: int, names, run, rnd: int = 0):
         """Learn mask and pattern that send non-target images to ``target``; returns both.
 
-        ``rnd`` is the round (0-based; keys of later rounds end in ``_r2``, ``_r3``, ...). A
-        resumed run reuses the inverted trigger an interrupted run already saved for this
-        round and target.
+        ``rnd`` is the round (0-based; keys of later rounds end in ``_r2``, ``_r3``, ...).
+        Each round's inversion has its own checkpoint slot, so a resumed run continues it (or
+        reuses it when it had finished).
         """
         o = self.options
         others = x[y != target]
@@ -212,12 +221,6 @@ class InverTune(Defense):
             raise MmsecError("invertune: no clean non-target images to invert the trigger on")
         device = model.device
         tag = _round_tag(rnd)
-        saved = run.artifacts_dir / f"inverted_trigger{tag}.safetensors"
-        if getattr(run, "resume", False) and saved.is_file():
-            tensors, header = load_tensors(saved)
-            if header.get("target") == str(target) and {"mask", "pattern"} <= set(tensors):
-                run.log.info("invertune: resuming with the inverted trigger in %s", saved)
-                return tensors["mask"][None].to(device), tensors["pattern"][None].to(device)
         tgt_imgs = x[y == target]
         with torch.no_grad():
             if len(tgt_imgs):
@@ -226,20 +229,17 @@ class InverTune(Defense):
             else:  # no target image in the clean set: its text embedding
                 tgt_emb = head[target]
         h, w = x.shape[-2:]
-        seed = _round_seed(rnd)
-        trig = _Trigger(h, w, o.mask_init, seed).to(device)
+        trig = _Trigger(h, w, o.mask_init, run.rng(f"pattern{tag}")).to(device)
         n, bs = len(others), min(o.invert_batch, len(others))
         steps_per_epoch = max(1, math.ceil(n / bs))
         label = torch.full((bs,), target, device=device, dtype=torch.long)
-        requires = [p.requires_grad for p in model.parameters()]
-        model.requires_grad_(False)
 
         def batches(epoch: int):
-            perm = torch.randperm(n, generator=run.generator(offset=1000 + 100 * seed + epoch))
+            perm = torch.randperm(n, generator=run.rng(f"invert{tag}.epoch{epoch}"))
             for b in range(steps_per_epoch):
                 yield others[perm[b * bs:(b + 1) * bs]].to(device)
 
-        def step(xb, _gstep):
+        def step(xb, _ctx):
             trig.project()
             m, t = trig()
             xp = m * t + (1 - m) * xb
@@ -252,21 +252,16 @@ class InverTune(Defense):
             return {"loss": loss, "ce": ce.detach(), "pull": pull.detach(),
                     "one_minus_ssim": sim.detach(), "mask_l1": l1.detach()}
 
-        try:
-            out = train_loop({"trigger": trig}, batches, step,
-                             TrainConfig(epochs=o.invert_epochs, lr=o.invert_lr, optimizer="adam",
-                                         schedule="constant"),
-                             run=run, desc=f"invertune trigger inversion{tag}",
-                             steps_per_epoch=steps_per_epoch)
-        finally:
-            for p, r in zip(model.parameters(), requires, strict=True):
-                p.requires_grad_(r)
+        out = train(step, Batches(batches, steps_per_epoch),
+                    Optim(trig, kind="adam", lr=o.invert_lr, schedule="constant"),
+                    epochs=o.invert_epochs, run=run, slot=f"invert{tag}",
+                    desc=f"invertune trigger inversion{tag}")
         trig.project()
         with torch.no_grad():
             mask, pattern = (v.detach().clone() for v in trig())
             preds = torch.cat([_predict(model, mask * pattern + (1 - mask) * b.to(device), head)
                                for b in others.split(256)])
-        last = out["history"][-1] if out["history"] else {}
+        last = out.history[-1] if out.history else {}
         inv_asr = float((preds == target).float().mean())
         run.metrics.update({f"inversion_{k}{tag}": float(v) for k, v in last.items()
                             if k != "epoch"})
@@ -337,14 +332,14 @@ class InverTune(Defense):
         steps_per_epoch = min(o.tune_steps, 50)
 
         def batches(epoch: int):
-            g = run.generator(offset=5000 + 100 * _round_seed(rnd) + epoch)
+            g = run.rng(f"tune{tag}.epoch{epoch}")
             for _ in range(steps_per_epoch):
                 sel = torch.randint(0, n, (bs,), generator=g)
                 yield x[sel].to(device), orig[sel.to(orig.device)]
 
-        def step(batch, _gstep):
-            visual.eval()  # keep batch-norm statistics: triggered images must not shift them
+        def step(batch, _ctx):
             xb, ob = batch
+            # the tower stays in eval mode: triggered images must not shift batch-norm statistics
             emb, acts = repaired.forward_features(
                 torch.cat([xb, *(p(xb) for p in poisons)]), chosen, pooled=False)
             act_loss = 0.0
@@ -360,23 +355,14 @@ class InverTune(Defense):
             loss = act_loss + o.w_preserve * keep
             return {"loss": loss, "act": act_loss.detach(), "preserve": keep.detach()}
 
-        requires = [p.requires_grad for p in repaired.clip.parameters()]
-        repaired.clip.requires_grad_(False)
-        visual.requires_grad_(True)
-        try:
-            out = train_loop({"visual": visual}, batches, step,
-                             TrainConfig(steps=o.tune_steps, lr=o.tune_lr, optimizer="adamw",
-                                         weight_decay=o.tune_weight_decay, schedule="cosine",
-                                         grad_clip=o.grad_clip),
-                             run=run, desc=f"invertune activation tuning{tag}",
-                             steps_per_epoch=steps_per_epoch)
-        finally:
-            for p, r in zip(repaired.clip.parameters(), requires, strict=True):
-                p.requires_grad_(r)
+        out = train(step, Batches(batches, steps_per_epoch),
+                    Optim(visual, kind="adamw", lr=o.tune_lr, weight_decay=o.tune_weight_decay,
+                          schedule="cosine", grad_clip=o.grad_clip),
+                    steps=o.tune_steps, run=run, slot=f"tune{tag}",
+                    desc=f"invertune activation tuning{tag}")
         repaired.eval()
-        repaired._heads = {}
-        hist = out["history"]
-        m = {"tune_steps_done": float(out["steps"])}
+        hist = out.history
+        m = {"tune_steps_done": float(out.steps)}
         if hist:
             m["tune_act_loss_first"] = float(hist[0].get("act", 0))
             m["tune_act_loss_last"] = float(hist[-1].get("act", 0))
@@ -396,7 +382,7 @@ class InverTune(Defense):
         title = ("InverTune 3: clustering-guided activation tuning"
                  + (f" (round {rnd + 1})" if rnd else ""))
         run.add_section(title, (
-            f"{out['steps']} AdamW steps (lr {o.tune_lr:g}, wd {o.tune_weight_decay:g}, cosine, "
+            f"{out.steps} AdamW steps (lr {o.tune_lr:g}, wd {o.tune_weight_decay:g}, cosine, "
             f"clip {o.grad_clip:g}) of {bs} clean images on the image tower. Activation loss "
             f"{m.get('tune_act_loss_first', float('nan')):.4f} -> "
             f"{m.get('tune_act_loss_last', float('nan')):.4f}; target rate after tuning "
@@ -415,11 +401,10 @@ class _Trigger(nn.Module):
     mask from 0.1; a direct value can cross the whole range.
     """
 
-    def __init__(self, h: int, w: int, mask_init: float, seed: int = 0) -> None:
+    def __init__(self, h: int, w: int, mask_init: float, gen: torch.Generator) -> None:
         super().__init__()
         self.mask = nn.Parameter(torch.full((1, 1, h, w), float(mask_init)))
-        self.pattern = nn.Parameter(torch.rand(1, 3, h, w, generator=torch.Generator()
-                                               .manual_seed(seed)))
+        self.pattern = nn.Parameter(torch.rand(1, 3, h, w, generator=gen))
 
     def project(self) -> None:
         with torch.no_grad():
@@ -433,11 +418,6 @@ class _Trigger(nn.Module):
 def _round_tag(rnd: int) -> str:
     """Suffix of a round's metric keys and files: ``""`` for the first, then ``_r2``, ..."""
     return "" if rnd == 0 else f"_r{rnd + 1}"
-
-
-def _round_seed(rnd: int) -> int:
-    """Seed offset of a round's random draws (0, then 2, 3, ...: the round's number)."""
-    return 0 if rnd == 0 else rnd + 1
 
 
 def _stamp(mask: torch.Tensor, pattern: torch.Tensor):
@@ -458,15 +438,11 @@ def _parse_target(spec: str, names: list[str]) -> int:
     raise UsageError(f"invertune: unknown target {spec!r} (classes: {', '.join(names)})")
 
 
-def _true_target(run, names: list[str]) -> int | None:
+def _true_target(spec: Artifact | None, names: list[str]) -> int | None:
     """The real target when the run was given the trigger spec (for the report only)."""
-    path = run.get("trigger") if hasattr(run, "get") else None
-    if not path:
+    if spec is None:
         return None
-    try:
-        meta = Artifact.load(path).meta
-    except Exception:  # noqa: BLE001 - the report just omits it
-        return None
+    meta = spec.meta
     if meta.get("target_name") in names:
         return names.index(meta["target_name"])
     t = meta.get("target")
@@ -475,12 +451,8 @@ def _true_target(run, names: list[str]) -> int | None:
 
 def _real_trigger_preview(run, h: int, w: int) -> torch.Tensor | None:
     """The real trigger on a grey image, when the run knows it (report only)."""
-    path = run.get("trigger") if hasattr(run, "get") else None
-    if not path:
+    spec = run.inputs.trigger
+    if spec is None:
         return None
-    try:
-        art = Artifact.load(path)
-        attack = run.attack(art.plugin, art.meta.get("options") or {})
-        return attack.apply(art, torch.full((1, 3, h, w), 0.5))[0].clamp(0, 1)
-    except Exception:  # noqa: BLE001 - the report just omits it
-        return None
+    attack = run.registry.attack_for(spec)
+    return attack.perturb(spec, torch.full((1, 3, h, w), 0.5))[0].clamp(0, 1)

@@ -2,12 +2,14 @@
 
 Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks"
 (ICLR 2018), applied to a CLIP zero-shot classifier: maximise
-``CE(logit_scale * cos(f(x + d), T), y)`` over ``||d||_inf <= eps`` with
-signed-gradient steps, projecting back to the ball and to [0, 1]. Defaults
-(eps 4/255, 10 steps of 1/255, random start) are the robust-evaluation
-setting of TeCoA/FARE. Also mmsec's robust-accuracy evaluator.
+``CE(logit_scale * cos(f(x + d), T), y)`` over ``||d||_inf <= eps`` with signed-gradient
+steps, projecting back to the ball and to [0, 1] (``mmsec.pgd``, which adversarial
+fine-tuning shares). Defaults (eps 4/255, 10 steps of 1/255, random start) are the
+robust-evaluation setting of TeCoA/FARE. Also mmsec's robust-accuracy evaluator.
 
-The control artifact is uniform noise in [-eps, eps]: same budget, no gradient.
+A per-image attack: ``apply`` attacks the model being evaluated (``victim``) with the
+class names of the evaluation data, so a saved PGD artifact (its options) re-applies to
+any model. The control artifact is uniform noise in [-eps, eps]: same budget, no gradient.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from mmsec import Artifact, Attack, Options, hookimpl
+from mmsec import Artifact, Attack, MmsecError, Options, fields, hookimpl, pgd
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 class PGD(Attack):
@@ -29,29 +31,27 @@ class PGD(Attack):
     universal = False
 
     class Options(Options):
-        eps: float = Field(4 / 255, ge=0, le=1, description="L-inf budget (pixels in [0, 1])")
-        step_size: float = Field(1 / 255, gt=0, le=1, description="step per iteration")
-        steps: int = Field(10, ge=0, description="iterations")
+        eps: float = fields.eps(4 / 255, allow_zero=True)
+        step_size: float = fields.eps(1 / 255, "step per iteration")
+        steps: int = fields.steps(10, "iterations", allow_zero=True)
         random_start: bool = Field(True, description="start from a uniform point in the ball")
 
     def fit(self, model, data, run) -> Artifact:
         if not data.classnames:
-            raise ValueError("pgd needs a dataset with class names (zero-shot labels)")
-        head = model.zero_shot_head(data.classnames, data.templates)
-        meta = {**self.options.model_dump(), "classnames": list(data.classnames)}
-        return Artifact(self.name, meta=meta, runtime={"model": model, "head": head,
-                                                       "seed": getattr(run, "seed", 0)})
+            raise MmsecError("pgd needs a dataset with class names (zero-shot labels)")
+        return self.artifact(meta={"seed": run.seed})
 
     def control(self, artifact: Artifact, seed: int = 0) -> Artifact:
-        return Artifact(self.name, meta={**artifact.meta, "control": "uniform noise"},
-                        runtime={**artifact.runtime, "seed": seed})
+        return artifact.variant(seed=seed, control="uniform noise")
 
     def apply(self, artifact: Artifact, images: torch.Tensor,
-              labels: torch.Tensor | None = None) -> torch.Tensor:
-        model, head = artifact.runtime["model"], artifact.runtime["head"]
-        o = self.options
+              labels: torch.Tensor | None = None, *, victim=None, run=None) -> torch.Tensor:
+        if victim is None or victim.head is None:
+            raise MmsecError("pgd attacks a model's zero-shot head: it needs the victim model "
+                             "and data with class names")
+        model, head, o = victim.model, victim.head, self.options
         x = images.to(model.device, torch.float32)
-        gen = torch.Generator(device="cpu").manual_seed(int(artifact.runtime.get("seed", 0)))
+        gen = torch.Generator().manual_seed(int(artifact.meta.get("seed", 0)))
         noise = (torch.rand(x.shape, generator=gen) * 2 - 1).to(x.device) * o.eps
         if artifact.meta.get("control"):
             return (x + noise).clamp(0, 1)
@@ -59,17 +59,14 @@ class PGD(Attack):
             with torch.no_grad():
                 labels = model.logits(x, head).argmax(1)
         labels = labels.to(x.device)
-        delta = noise if o.random_start else torch.zeros_like(x)
-        delta = ((x + delta).clamp(0, 1) - x).detach()
-        for _ in range(o.steps):
-            delta.requires_grad_(True)
+
+        def loss(adv: torch.Tensor) -> torch.Tensor:
             # float64 softmax: with CLIP's logit scale (~100) a confident fp32 softmax rounds to
             # exactly one-hot, the gradient vanishes and sign() stops the attack.
-            loss = F.cross_entropy(model.logits(x + delta, head).double(), labels)
-            (grad,) = torch.autograd.grad(loss, delta)
-            delta = (delta.detach() + o.step_size * grad.sign()).clamp(-o.eps, o.eps)
-            delta = (x + delta).clamp(0, 1) - x
-        return (x + delta).detach()
+            return F.cross_entropy(model.logits(adv, head).double(), labels)
+
+        return pgd(loss, x, eps=o.eps, step_size=o.step_size, steps=o.steps,
+                   random_start=o.random_start, noise=noise)
 
 
 @hookimpl

@@ -27,7 +27,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from mmsec import Artifact, Attack, Options, TrainConfig, train_loop
+from mmsec import Artifact, Attack, Batches, Optim, Options, fields, load_images, train
 from pydantic import Field
 from torch import nn
 
@@ -80,14 +80,13 @@ class NoisePatch(Attack):
 
     name = "example-noise-patch"
     description = "universal corner patch (Adam) lowering the true class's zero-shot probability"
-    universal = True
 
     class Options(Options):
         area: float = Field(0.1, gt=0, le=0.5, description="patch area / image area")
         corner: Corner = Field("bottom-right", description="where the patch goes")
-        steps: int = Field(50, ge=1, description="Adam steps")
-        batch_size: int = Field(64, ge=1, description="training images per step")
-        lr: float = Field(0.1, gt=0, description="Adam learning rate (on the patch logits)")
+        steps: int = fields.steps(50, "Adam steps")
+        batch_size: int = fields.batch_size(64)
+        lr: float = fields.lr(0.1, "Adam learning rate (on the patch logits)")
 
     def fit(self, model, data, run) -> Artifact:
         """Optimise the patch on ``data`` (an ImageDataset, pixels in [0, 1]) against ``model``."""
@@ -100,20 +99,19 @@ class NoisePatch(Attack):
         head = model.zero_shot_head(data.classnames, data.templates)
         height, width = data[0][0].shape[-2:]
         side = patch_side(o.area, height, width)
-        init = torch.rand(3, side, side, generator=run.generator())
+        init = torch.rand(3, side, side, generator=run.rng("init"))
         patch = _Patch(init).to(device)
 
         def batches(epoch: int) -> list[list[int]]:
-            # One "epoch" is CHUNK steps; each draws from its own seeded generator,
+            # One "epoch" is CHUNK steps; each draws from its own named random stream,
             # so a resumed run sees the same batches as an uninterrupted one.
-            gen = run.generator(offset=1 + epoch)
+            gen = run.rng(f"batches.{epoch}")
             return [torch.randint(len(data), (o.batch_size,), generator=gen).tolist()
                     for _ in range(CHUNK)]
 
-        def step(indices: list[int], _step: int) -> dict[str, torch.Tensor]:
-            items = [data[i] for i in indices]
-            x = torch.stack([img for img, _ in items]).to(device)
-            y = torch.tensor([label for _, label in items], device=device)
+        def step(indices: list[int], _ctx) -> dict[str, torch.Tensor]:
+            x, y = load_images(data, indices)
+            x, y = x.to(device), y.to(device)
             if (y < 0).any():  # unlabelled items: attack the model's own clean prediction
                 with torch.no_grad():
                     y = torch.where(y < 0, model.logits(x, head).argmax(1), y)
@@ -121,52 +119,43 @@ class NoisePatch(Attack):
             true_prob = probs.gather(1, y[:, None]).squeeze(1)
             return {"loss": true_prob.mean(), "fooled": (probs.argmax(1) != y).float().mean()}
 
-        # Only the patch learns: freeze the model for the loop (and give it back as it was).
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
-        try:
-            with run.timer("patch_optimisation"):
-                out = train_loop({"patch": patch}, batches, step,
-                                 TrainConfig(steps=o.steps, lr=o.lr, optimizer="adam"),
-                                 run=run, desc=self.name, steps_per_epoch=CHUNK)
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+        # Only the patch learns: the loop back-propagates into the optimiser's parameters
+        # alone, so the model needs no freezing, and it checkpoints the patch for --resume.
+        with run.timer("patch_optimisation"):
+            out = train(step, Batches(batches, CHUNK), Optim(patch, kind="adam", lr=o.lr),
+                        steps=o.steps, run=run, slot="patch", desc=self.name)
 
         pixels = patch().detach().cpu()
-        history = out["history"]
+        history = out.history
         first, last = history[0], history[-1]
         run.log.info("%s: true-class probability %.3f -> %.3f over %d steps", self.name,
-                     first["loss"], last["loss"], out["steps"])
+                     first["loss"], last["loss"], out.steps)
+        run.metrics["fit_true_prob_first"] = first["loss"]
+        run.metrics["fit_true_prob_last"] = last["loss"]
         run.save_image("patch", pixels, scale=max(1, 128 // side), report=True)
         run.add_section("Patch optimisation", "\n".join([
             f"A {side}x{side} px patch at the {o.corner} corner ({o.area:.0%} of the image), "
-            f"{out['steps']} Adam steps of {o.batch_size} images.",
+            f"{out.steps} Adam steps of {o.batch_size} images.",
             "",
             "| chunk | mean true-class probability | fooled |",
             "|---|---|---|",
             *(f"| {h['epoch'] + 1} | {h['loss']:.4f} | {h['fooled']:.3f} |" for h in history),
         ]))
-        return Artifact(
-            self.name,
-            tensors={"patch": pixels},
-            meta={"area": o.area, "corner": o.corner, "side": side,
-                  "image_size": [int(height), int(width)]},
-            runtime={"metrics": {"fit_true_prob_first": first["loss"],
-                                 "fit_true_prob_last": last["loss"]}},
-        )
+        # the options are recorded with the artifact; meta holds what fitting found out
+        return self.artifact({"patch": pixels},
+                             meta={"side": side, "image_size": [int(height), int(width)]})
 
     def apply(self, artifact: Artifact, images: torch.Tensor,
-              labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Paste the patch on ``images`` ``[B, 3, H, W]`` in [0, 1]; ``labels`` are not used."""
-        area = float(artifact.meta.get("area", self.options.area))
-        corner = str(artifact.meta.get("corner", self.options.corner))
-        return paste(images, artifact.tensors["patch"], corner, area)
+              labels: torch.Tensor | None = None, *, victim=None, run=None) -> torch.Tensor:
+        """Paste the patch on ``images`` ``[B, 3, H, W]`` in [0, 1]; ``labels`` are not used.
+
+        mmsec builds this instance from the artifact's own options, so ``self.options`` is
+        what the patch was trained with.
+        """
+        return paste(images, artifact.tensors["patch"], self.options.corner, self.options.area)
 
     def control(self, artifact: Artifact, seed: int = 0) -> Artifact:
         """A uniform-noise patch of the same size at the same place."""
         shape = artifact.tensors["patch"].shape
         noise = torch.rand(shape, generator=torch.Generator().manual_seed(seed))
-        return Artifact(self.name, tensors={"patch": noise},
-                        meta={**artifact.meta, "control": "uniform noise patch"})
+        return artifact.variant({"patch": noise}, control="uniform noise patch")

@@ -12,9 +12,8 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from mmsec import Artifact, RunContext, UsageError, load_dataset, load_model
-from mmsec import builtins as mmsec_builtins
-from mmsec.plugins import PluginInfo, Registry, reset_registry
+from mmsec import Artifact, RunContext, UsageError, default_plugins, load_dataset, load_model
+from mmsec.registry import PluginInfo, Registry, reset_registry
 from mmsec.runs import Run
 
 import mmsec_example
@@ -34,8 +33,8 @@ def _quiet(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
 def registry():
     """mmsec's built-ins plus this plugin, installed as the process-wide registry."""
     reg = Registry()
-    reg.add_plugin(mmsec_builtins, PluginInfo(name="mmsec", module="mmsec.builtins",
-                                              distribution="mmsec", builtin=True))
+    reg.add_plugin(default_plugins, PluginInfo(name="mmsec", module="mmsec.default_plugins",
+                                               distribution="mmsec", builtin=True))
     reg.add_plugin(mmsec_example, PluginInfo(name="example", module="mmsec_example"))
     reg.collect()
     reset_registry(reg)
@@ -101,7 +100,7 @@ def test_fit_apply_control(model, data, run):
     assert not torch.equal(control.tensors["patch"], patch)
 
     bigger = attack.apply(artifact, torch.zeros(2, 3, 64, 64))  # the patch scales with the image
-    big_side = patch_side(artifact.meta["area"], 64, 64)
+    big_side = patch_side(artifact.options["area"], 64, 64)
     assert big_side > side
     assert bigger[:, :, -big_side:, -big_side:].amin(dim=(0, 1)).gt(0).all()
     assert bigger[:, :, :-big_side].abs().sum() == 0

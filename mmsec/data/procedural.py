@@ -1,15 +1,27 @@
-"""The built-in procedural image-caption dataset ("shapes").
+"""The built-in procedural image-caption dataset ("shapes"), the default data.
 
-Colour images of one shape on a low-contrast background, with attributes
-(shape, colour, texture, size, position) and captions describing them. The
-shape is the class (10 classes). Every image is a pure function of
-``(seed, split, index)``, so the data is identical on every machine and needs
-no download. Images are rendered at 2x and box-filtered down for anti-aliasing.
+Colour images of one shape on a low-contrast background, with attributes (shape, colour,
+texture, size, position) and captions describing them. The shape is the class (10
+classes). Every image is a pure function of ``(seed, split, index)``, so the data is
+identical on every machine and needs no download. Images are rendered at 2x and
+box-filtered down for anti-aliasing, and memoised on disk in the cache folder.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+
 import numpy as np
+import torch
+
+from ..errors import UsageError
+from .base import TensorDataset
+
+log = logging.getLogger("mmsec.data")
+
+__all__ = ["PROCEDURAL_SIZES", "SHAPES", "TEMPLATES", "attributes", "captions",
+           "procedural_shapes", "render"]
 
 SHAPES = (
     "circle", "square", "triangle", "star", "cross",
@@ -152,3 +164,55 @@ def captions(attrs: dict) -> list[str]:
         f"a drawing of a {c} {s} in the {p}.",
         f"a {z} {c} {tex}{s} in the {p}.",
     ]
+
+
+PROCEDURAL_SIZES = {"train": 20000, "test": 2000, "val": 2000}
+
+
+def procedural_shapes(
+    arg: str | None = None, *, split: str = "test", seed: int = 0, size: int = 32,
+    n: int | None = None, **_: object,
+) -> TensorDataset:
+    """The built-in procedural shapes set (10 classes, captions, deterministic from ``seed``)."""
+    if split not in PROCEDURAL_SIZES:
+        raise UsageError(f"dataset procedural: unknown split {split!r} (train, test, val)")
+    n = n or PROCEDURAL_SIZES[split]
+    arr = _procedural_array(seed, split, n, size)
+    attrs = [attributes(seed, split, i) for i in range(n)]
+    return TensorDataset(
+        torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(),
+        torch.tensor([a["label"] for a in attrs]),
+        name="procedural", split=split, classnames=list(SHAPES),
+        templates=TEMPLATES, captions=[captions(a) for a in attrs],
+    )
+
+
+def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
+    """Rendered uint8 images ``[n, size, size, 3]``, memoised on disk in the cache dir."""
+    from ..cache import default_cache_dir
+    from ..io import write_atomic
+
+    path = default_cache_dir() / "procedural" / f"v1-s{seed}-{split}-{n}-{size}px.npy"
+    if path.exists():
+        try:
+            arr = np.load(path, allow_pickle=False)
+            if arr.shape == (n, size, size, 3) and arr.dtype == np.uint8:
+                return arr
+        except (OSError, ValueError):
+            log.warning("ignoring unreadable procedural cache file %s", path)
+    from ..progress import progress
+
+    arr = np.stack([
+        render(seed, split, i, size)[0]
+        for i in progress(range(n), desc=f"rendering procedural[{split}]", enabled=n >= 5000,
+                          mininterval=1.0)
+    ])
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buf = io.BytesIO()
+        np.save(buf, arr, allow_pickle=False)
+        write_atomic(path, buf.getvalue())
+    except OSError as exc:  # a read-only cache only costs time
+        log.warning("could not memoise procedural data at %s: %s", path, exc)
+    return arr
+

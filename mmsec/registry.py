@@ -29,11 +29,12 @@ import pluggy
 
 from . import hookspecs
 from .errors import PluginError, UsageError
+from .evaluation.views import Metric
 
 log = logging.getLogger("mmsec.plugins")
 
 GROUP = "mmsec"
-DEFAULT_PLUGINS = ("mmsec.builtins",)
+DEFAULT_PLUGINS = ("mmsec.default_plugins",)
 KINDS = ("attacks", "defenses", "datasets", "models", "metrics", "commands")
 
 
@@ -57,14 +58,6 @@ class PluginInfo:
                 "version": self.version, "builtin": self.builtin, "error": self.error}
 
 
-@dataclass
-class MetricSource:
-    name: str
-    function: Any
-    description: str = ""
-    plugin: str = "mmsec"
-
-
 class Registry:
     """What the loaded plugins registered, by kind and name."""
 
@@ -76,7 +69,7 @@ class Registry:
         self.defenses: dict[str, type] = {}
         self.datasets: dict[str, Any] = {}
         self.models: dict[str, Any] = {}
-        self.metrics: dict[str, MetricSource] = {}
+        self.metrics: dict[str, Metric] = {}
         self.owner: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ loading
@@ -128,8 +121,10 @@ class Registry:
 
     def _stager(self, kind: str, staged: list[tuple[str, Any]]):
         def register(item: Any, function: Any = None, description: str = "") -> None:
-            if kind == "metrics":
-                item = MetricSource(str(item), function, description)
+            if kind == "metrics" and not isinstance(item, Metric):
+                if not callable(function):
+                    raise TypeError(f"metric {item!r} registered without a callable function")
+                item = Metric(str(item), function, description)
             name = getattr(item, "name", None)
             if not isinstance(name, str) or not name:
                 raise TypeError(f"{kind[:-1]} registered without a string `name`: {item!r}")
@@ -146,7 +141,7 @@ class Registry:
             log.warning('plugin "%s" registers %s "%s" already registered by "%s"; keeping '
                         "the first", info.name, kind[:-1], name, self.owner[(kind, name)])
             return
-        if kind in ("datasets", "metrics") and getattr(item, "plugin", None) != info.name:
+        if kind in ("datasets", "metrics", "models") and getattr(item, "plugin", None) != info.name:
             try:
                 item = dataclasses.replace(item, plugin=info.name)
             except TypeError:
@@ -192,6 +187,26 @@ class Registry:
 
     def failures(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.error]
+
+    def attack_for(self, artifact: Any):
+        """An instance of the attack plugin that made ``artifact``, with the artifact's options."""
+        return self.attack(artifact.plugin)(artifact.options)
+
+    def metric_list(self) -> list[Metric]:
+        """Every registered probe (the built-in ones first)."""
+        return list(self.metrics.values())
+
+    def load_model(self, model: str | None = None, pretrained: str | None = None, **kwargs: Any):
+        """``mmsec.model.load_model`` through the registered model sources (``-m``)."""
+        from .model import load_model
+
+        return load_model(model, pretrained, sources=self.models, **kwargs)
+
+    def load_dataset(self, spec: str | None, **kwargs: Any):
+        """``mmsec.data.load_dataset`` through the registered data sources (``-d``)."""
+        from .data import load_dataset
+
+        return load_dataset(spec, sources=self.datasets, **kwargs)
 
 
 def _dist_note(info: PluginInfo) -> str:

@@ -1,0 +1,396 @@
+"""Image files: ``imagefolder:DIR`` and ``captions:FILE`` (CSV/JSONL image-caption pairs).
+
+Every file is read and fully decoded once when a dataset is built (in a thread pool), so
+corrupt or truncated images are left out (``skipped``, each one with its reason in
+``skipped_items``) before ``len()`` is fixed; with ``strict=True`` the first one raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import MmsecError, UsageError
+from .base import DEFAULT_TEMPLATES, ImageDataset
+
+log = logging.getLogger("mmsec.data")
+
+__all__ = ["IMAGE_EXTENSIONS", "FileImageDataset", "captions_file", "imagefolder"]
+
+IMAGE_EXTENSIONS = frozenset({
+    ".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+})
+_SPLIT_ALIASES = {"test": ("test", "val"), "val": ("val", "test"), "train": ("train",)}
+_TRAIN_PERCENT = 80  # hashed split of a flat image folder: 80 % train, 20 % test (and val)
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    """What one scan of an image file found: its byte hash and size, or why it is unusable."""
+
+    sha1: str = ""
+    size: tuple[int, int] = (0, 0)
+    error: str = ""
+
+
+# Scan results, per (absolute path, byte size, mtime): building the other split of a folder,
+# or the same dataset again, decodes nothing twice in one process.
+_SCAN_MEMO: dict[tuple[str, int, int], _FileInfo] = {}
+
+
+def _scan_file(path: Path) -> _FileInfo:
+    """Read and fully decode ``path`` once (``Image.load``, not just ``verify``)."""
+    from PIL import Image
+
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return _FileInfo(error=f"cannot read: {exc.strerror or exc}")
+    memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if memo_key in _SCAN_MEMO:
+        return _SCAN_MEMO[memo_key]
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # decodes everything: truncated files and bad chunks fail here
+            info = _FileInfo(sha1=hashlib.sha1(data).hexdigest(), size=im.size)
+    except Exception as exc:  # any decoder failure means "corrupt"
+        info = _FileInfo(error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+    _SCAN_MEMO[memo_key] = info
+    return info
+
+
+def _scan_files(paths: Sequence[Path], source: str, strict: bool) -> list[_FileInfo]:
+    """Scan ``paths`` (in a thread pool: Pillow decodes outside the GIL); report corrupt ones.
+
+    With ``strict`` the first corrupt file raises; otherwise a warning gives the count and the
+    first few paths, and callers leave those items out (counted in ``dataset.skipped``).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    if len(paths) > 16:
+        workers = min(16, os.cpu_count() or 1)
+        with ThreadPoolExecutor(workers) as pool:
+            infos = list(pool.map(_scan_file, paths, chunksize=32))
+    else:
+        infos = [_scan_file(p) for p in paths]
+    bad = [(p, info.error) for p, info in zip(paths, infos, strict=True) if info.error]
+    if bad and strict:
+        path, why = bad[0]
+        raise MmsecError(f"{source}: cannot decode image {path}: {why}")
+    if bad:
+        shown = ", ".join(str(p) for p, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
+        log.warning("%s: skipped %d unreadable image(s): %s", source, len(bad), shown)
+    return infos
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    """Decode image bytes to uint8 RGB ``[H, W, 3]`` (EXIF-rotated; transparency over white)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(io.BytesIO(data)) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im.alpha_composite(rgba)
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize uint8 ``[H, W, 3]`` to ``size`` = (W, H), bicubic (Pillow antialiases downscales)."""
+    if (arr.shape[1], arr.shape[0]) == size:
+        return arr
+    from PIL import Image
+
+    return np.array(Image.fromarray(arr).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
+
+
+class FileImageDataset(ImageDataset):
+    """Images read lazily from files, with labels and optional real captions.
+
+    Every file is read and fully decoded once when the dataset is built (in a thread pool,
+    memoised per path/size/mtime for the process), so corrupt or truncated images are left out
+    before ``len()`` is fixed; ``load(i)`` reads and decodes the file again, so memory stays
+    small. Images come out at ``image_size`` (square) when given, else at the size of the first
+    image so that batches collate. ``key(i)`` is the SHA-1 of the file bytes (mixed with the
+    output size when the image is resized, as resizing changes the pixels).
+    """
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        labels: Sequence[int],
+        *,
+        name: str,
+        split: str,
+        classnames: list[str] | None,
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+        captions: Sequence[list[str]] | None = None,
+        image_size: int | None = None,
+        strict: bool = False,
+        source: str | None = None,
+    ) -> None:
+        source = source or name
+        infos = _scan_files(files, source, strict)
+        keep = [i for i, info in enumerate(infos) if not info.error]
+        self.skipped = len(files) - len(keep)
+        self.skipped_items = [(str(files[i]), info.error) for i, info in enumerate(infos)
+                              if info.error]
+        if not keep:
+            raise MmsecError(
+                f"{source}: no usable images ({len(files)} found, {self.skipped} unreadable)"
+            )
+        self.files = [Path(files[i]) for i in keep]
+        self._infos = [infos[i] for i in keep]
+        self._labels = torch.tensor([int(labels[i]) for i in keep], dtype=torch.long)
+        self._captions = [list(captions[i]) for i in keep] if captions is not None else None
+        self.has_captions = captions is not None
+        self.name, self.split, self.classnames, self.templates = name, split, classnames, templates
+        self.source = source
+        if image_size:
+            self.size: tuple[int, int] = (int(image_size), int(image_size))
+        else:
+            self.size = self._infos[0].size
+        self._keys: dict[int, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, i: int) -> tuple[torch.Tensor, int]:
+        path = self.files[i]
+        try:
+            arr = _decode_image(path.read_bytes())
+        except Exception as exc:  # the file changed since the scan
+            raise MmsecError(f"{self.source}: cannot decode image {path}: {exc}") from exc
+        arr = _resize(arr, self.size)
+        img = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
+        return img, int(self._labels[i])
+
+    def labels(self) -> torch.Tensor:
+        return self._labels.clone()
+
+    def captions(self, i: int) -> list[str]:
+        if self._captions is not None and self._captions[i]:
+            return list(self._captions[i])
+        label = int(self._labels[i])
+        if self.classnames is None or label < 0:
+            return []
+        return [self.templates[0].format(self.classnames[label])]
+
+    def key(self, i: int) -> str:
+        if i not in self._keys:
+            info = self._infos[i]
+            if info.size == self.size:
+                self._keys[i] = info.sha1
+            else:
+                resized = f"{info.sha1}:{self.size[0]}x{self.size[1]}".encode()
+                self._keys[i] = hashlib.sha1(resized).hexdigest()
+        return self._keys[i]
+
+
+def _check_split(source: str, split: str, known: Sequence[str] = ("train", "test", "val")) -> None:
+    if split not in known:
+        raise UsageError(f"dataset {source}: unknown split {split!r} ({', '.join(known)})")
+
+
+def _existing_path(source: str, arg: str | None, what: str) -> Path:
+    if not arg:
+        raise UsageError(f"dataset {source!r} needs an argument: -d {source}:PATH")
+    path = Path(arg).expanduser()
+    if not path.exists():
+        raise MmsecError(f"{source}: {what} not found: {path}")
+    return path
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted; hidden files and folders left out)."""
+    out = []
+    for root, dirs, names in os.walk(folder, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        out.extend(
+            Path(root, n) for n in sorted(names)
+            if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
+        )
+    return out
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(
+        p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")
+    )
+
+
+def _hash_split(relpath: str) -> str:
+    """``"train"`` or ``"test"`` for a file, from a hash of its relative path (stable as files
+    are added or removed)."""
+    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big")
+    return "train" if h % 100 < _TRAIN_PERCENT else "test"
+
+
+def imagefolder(
+    arg: str | None, *, split: str = "test", seed: int = 0, image_size: int | None = None,
+    strict: bool = False, **_: object,
+) -> FileImageDataset:
+    """``imagefolder:PATH``: one sub-folder per class (names sorted; ``_`` -> space in prompts).
+
+    With ``PATH/train`` and ``PATH/test`` (or ``PATH/val``) those are the splits (classes are
+    the union over the splits, so labels agree). Otherwise each file goes to train (80 %) or
+    test (20 %; ``val`` is the same part) by a hash of its path relative to ``PATH``.
+    Images directly in a folder without class sub-folders are unlabelled (label -1).
+    """
+    source = "imagefolder"
+    _check_split(source, split)
+    root = _existing_path(source, arg, "directory")
+    if not root.is_dir():
+        raise MmsecError(f"{source}: not a directory: {root}")
+    split_dirs = {s: root / s for s in ("train", "test", "val") if (root / s).is_dir()}
+    if "train" in split_dirs and ("test" in split_dirs or "val" in split_dirs):
+        folder = next(split_dirs[s] for s in _SPLIT_ALIASES[split] if s in split_dirs)
+        classes = sorted({c for d in split_dirs.values() for c in _class_dirs(d)})
+        hashed = False
+    else:
+        folder, classes, hashed = root, _class_dirs(root), True
+    files: list[Path] = []
+    labels: list[int] = []
+    if classes:
+        for label, cls in enumerate(classes):
+            found = _image_files(folder / cls) if (folder / cls).is_dir() else []
+            files += found
+            labels += [label] * len(found)
+    else:
+        files = [p for p in sorted(folder.iterdir()) if p.suffix.lower() in IMAGE_EXTENSIONS
+                 and p.is_file() and not p.name.startswith(".")]
+        labels = [-1] * len(files)
+    if hashed:
+        want = "train" if split == "train" else "test"
+        chosen = [i for i, f in enumerate(files)
+                  if _hash_split(f.relative_to(root).as_posix()) == want]
+        files, labels = [files[i] for i in chosen], [labels[i] for i in chosen]
+    if not files:
+        raise MmsecError(f"{source}: no image files for split {split!r} in {folder}")
+    return FileImageDataset(
+        files, labels, name=f"imagefolder:{root.name}", split=split,
+        classnames=[c.replace("_", " ") for c in classes] or None,
+        image_size=image_size, strict=strict, source=f"{source} {root}",
+    )
+
+
+def _read_caption_rows(path: Path) -> list[dict]:
+    """Rows of a captions file as dicts: CSV, JSONL, or a JSON list of objects."""
+    import csv
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MmsecError(f"captions: {path} is not UTF-8 text: {exc}") from exc
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(io.StringIO(text))
+        fields = [f.strip() for f in reader.fieldnames or []]
+        if "image" not in fields:
+            raise MmsecError(f"captions: {path} has no 'image' column (columns: {fields})")
+        return [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            rows = json.loads(stripped)
+        except json.JSONDecodeError as exc:
+            raise MmsecError(f"captions: {path}: invalid JSON: {exc}") from exc
+        lines = list(enumerate(rows, 1))
+    else:
+        lines = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    lines.append((n, json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise MmsecError(f"captions: {path}:{n}: invalid JSON: {exc.msg}") from exc
+    for n, row in lines:
+        if not isinstance(row, dict) or "image" not in row:
+            raise MmsecError(f"captions: {path}:{n}: expected an object with an 'image' field")
+    return [row for _, row in lines]
+
+
+def _row_captions(row: dict) -> list[str]:
+    """``captions`` (a list, or a string of several separated by ``|``) else ``caption``."""
+    caps = row.get("captions")
+    if caps in (None, "", []):
+        caps = row.get("caption")
+        caps = [] if caps is None else caps if isinstance(caps, list) else [caps]
+    elif isinstance(caps, str):
+        caps = caps.split("|")
+    elif not isinstance(caps, list):
+        caps = [caps]
+    return [str(c).strip() for c in caps if str(c).strip()]
+
+
+def _is_int(v: object) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return True
+    try:
+        int(str(v).strip())
+    except ValueError:
+        return False
+    return True
+
+
+def captions_file(
+    arg: str | None, *, split: str = "test", seed: int = 0, image_size: int | None = None,
+    strict: bool = False, **_: object,
+) -> FileImageDataset:
+    """``captions:FILE``: image-caption pairs for retrieval, from CSV or JSONL.
+
+    CSV columns: ``image``, ``caption`` (or ``captions``, several separated by ``|``),
+    optional ``label`` and ``split``. JSONL: one object a line with ``image``, ``captions``
+    (list) or ``caption`` (str), optional ``label`` (int or class name) and ``split``.
+    Image paths are relative to the file's folder. String labels become class names (sorted
+    over the whole file); integer labels stay as they are. With a ``split`` field only the
+    matching rows are used (rows without one belong to every split); else the whole file.
+    """
+    source = "captions"
+    _check_split(source, split)
+    path = _existing_path(source, arg, "file")
+    if path.is_dir():
+        raise MmsecError(f"{source}: expected a CSV or JSONL file, got a directory: {path}")
+    rows = _read_caption_rows(path)
+    if not rows:
+        raise MmsecError(f"{source}: no rows in {path}")
+    raw_labels = [row.get("label") for row in rows]
+    given = [v for v in raw_labels if v is not None and str(v).strip() != ""]
+    classnames: list[str] | None = None
+    if given and not all(_is_int(v) for v in given):
+        classnames = sorted({str(v).strip() for v in given})
+        index = {c: i for i, c in enumerate(classnames)}
+        labels = [index[str(v).strip()] if v is not None and str(v).strip() else -1
+                  for v in raw_labels]
+    else:
+        labels = [int(str(v).strip()) if v is not None and str(v).strip() else -1
+                  for v in raw_labels]
+    splits = [str(row.get("split") or "").strip() for row in rows]
+    chosen = list(range(len(rows)))
+    if any(splits):
+        present = {s for s in splits if s}
+        name = next((s for s in _SPLIT_ALIASES[split] if s in present), split)
+        chosen = [i for i, s in enumerate(splits) if s in ("", name)]
+        if not chosen:
+            raise MmsecError(f"{source}: no rows for split {split!r} in {path} "
+                             f"(splits there: {', '.join(sorted(present))})")
+    folder = path.parent
+    files = [folder / str(rows[i]["image"]).strip() for i in chosen]
+    return FileImageDataset(
+        files, [labels[i] for i in chosen], name=f"captions:{path.name}", split=split,
+        classnames=classnames, captions=[_row_captions(rows[i]) for i in chosen],
+        image_size=image_size, strict=strict, source=f"{source} {path}",
+    )
+

@@ -1,0 +1,382 @@
+"""The one training loop: every method that updates weights, patches or triggers runs here.
+
+``train(step, batches, optimizers, ...)`` runs ``step(batch, ctx)`` over a
+:class:`~mmsec.training.batches.BatchSource` and updates one or several named optimisers
+(:class:`~mmsec.training.optim.Optim`), with warm-up + cosine schedules, gradient clipping,
+gradient accumulation, autocast (bf16/fp16, fp32 master weights) with a GradScaler for fp16,
+progress with ETA, and a checkpoint slot of its own: with ``--resume`` it continues from the
+last checkpoint, also mid-epoch, and a stage that had finished is not run again.
+
+A step returns a dict: the entry named after an optimiser (``"loss"`` when there is only
+one) is that optimiser's loss; every other number is logged. Each loss back-propagates into
+its own optimiser's parameters only (``backward(inputs=...)``): a frozen victim needs no
+``requires_grad`` juggling, and its weights get no gradients. A step that must update one
+optimiser before computing the next loss (a GAN's discriminator, then its generator) calls
+``ctx.update(name, loss)`` itself.
+
+The loop leaves module modes alone except for ``train_modules``, which are put in train mode
+while training (eval mode during ``on_epoch_end``) and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import MmsecError
+from ..runs import capture_rng_state, restore_rng_state
+from .batches import Batches, BatchSource
+from .optim import Optim, build_optimizer, lr_factor
+
+__all__ = ["StepContext", "TrainResult", "train"]
+
+_AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class TrainResult:
+    """What a loop did: per-epoch means of every logged number, optimiser steps taken, and
+    whether it resumed (``resumed_at`` step) or found its stage already done."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    steps: int = 0
+    resumed_at: int | None = None
+    already_done: bool = False
+
+
+class StepContext:
+    """What a step function sees: ``step`` (global optimiser step), ``epoch``, ``total``
+    steps, and :meth:`update` to update one optimiser now."""
+
+    def __init__(self, loop: _Loop) -> None:
+        self._loop = loop
+        self.step = 0
+        self.epoch = 0
+        self.total = loop.total
+        self.updated: set[str] = set()
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        """Back-propagate ``loss`` into optimiser ``name``'s parameters; the optimiser steps
+        when its accumulation is complete (at once without accumulation)."""
+        self._loop.update(name, loss)
+        self.updated.add(name)
+
+
+class _Loop:
+    def __init__(self, optimizers: Mapping[str, Optim], total: int, accumulate: int,
+                 precision: str, device: torch.device) -> None:
+        self.specs = dict(optimizers)
+        self.opts = {n: build_optimizer(s) for n, s in self.specs.items()}
+        self.params = {n: [p for g in self.opts[n].param_groups for p in g["params"]]
+                       for n in self.specs}
+        self.base_lr = {n: [g["lr"] for g in self.opts[n].param_groups] for n in self.specs}
+        self.total, self.accumulate = total, accumulate
+        self.micro = 0
+        self.device = device
+        amp = _AMP.get(precision)
+        cpu_amp = device.type == "cpu" and os.environ.get("MMSEC_CPU_AUTOCAST") == "1"
+        self.amp_dtype = amp if amp is not None and (device.type == "cuda" or cpu_amp) else None
+        self.scaler = torch.amp.GradScaler(device.type, enabled=(
+            self.amp_dtype is torch.float16 and device.type == "cuda"))
+        self.pending: set[str] = set()
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def set_lr(self, step: int) -> None:
+        for name, spec in self.specs.items():
+            factor = lr_factor(step, self.total, spec.warmup_steps, spec.schedule)
+            for group, base in zip(self.opts[name].param_groups, self.base_lr[name], strict=True):
+                group["lr"] = base * factor
+
+    def update(self, name: str, loss: torch.Tensor) -> None:
+        if name not in self.opts:
+            raise KeyError(f"no optimiser named {name!r} (have: {', '.join(self.opts)})")
+        if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+            raise MmsecError(f"the loss of optimiser {name!r} does not depend on its "
+                             "parameters (no gradient)")
+        scaled = self.scaler.scale(loss.float() / self.accumulate)
+        with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
+            scaled.backward(inputs=self.params[name])
+        self.pending.add(name)
+        if self.micro == self.accumulate - 1:
+            self._step(name)
+
+    def _step(self, name: str) -> None:
+        opt, spec = self.opts[name], self.specs[name]
+        if spec.grad_clip:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.params[name], spec.grad_clip)
+        self.scaler.step(opt)
+        opt.zero_grad(set_to_none=True)
+        self.pending.discard(name)
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict[str, Any] = {"scaler": _jsonable_state(self.scaler.state_dict())}
+        for name, opt in self.opts.items():
+            sd = opt.state_dict()
+            scalars = {}
+            for idx, st in sd["state"].items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        tensors[f"optim.{name}.{idx}.{k}"] = v.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{idx}.{k}"] = v
+            meta[f"optim.{name}"] = {"param_groups": sd["param_groups"], "scalars": scalars}
+        return tensors, meta
+
+    def load(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+        for name, opt in self.opts.items():
+            om = meta.get(f"optim.{name}")
+            if om is None:
+                raise MmsecError(f"the checkpoint has no state for optimiser {name!r}")
+            state: dict[int, dict[str, Any]] = {}
+            prefix = f"optim.{name}."
+            for k, v in tensors.items():
+                if k.startswith(prefix):
+                    idx, key = k[len(prefix):].split(".", 1)
+                    state.setdefault(int(idx), {})[key] = v
+            for k, v in om.get("scalars", {}).items():
+                idx, key = k.split(".", 1)
+                state.setdefault(int(idx), {})[key] = v
+            opt.load_state_dict({"state": state, "param_groups": om["param_groups"]})
+        if meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+
+
+def _jsonable_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: (float(v) if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+
+
+def _module_state(state: Mapping[str, nn.Module | Sequence[torch.Tensor]]
+                  ) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for name, obj in state.items():
+        items = obj.state_dict().items() if isinstance(obj, nn.Module) else \
+            ((str(i), t) for i, t in enumerate(obj))
+        for k, v in items:
+            out[f"state.{name}.{k}"] = v.detach().cpu().contiguous().clone()
+    return out
+
+
+def _load_module_state(state: Mapping[str, nn.Module | Sequence[torch.Tensor]],
+                       tensors: Mapping[str, torch.Tensor], slot: str) -> None:
+    for name, obj in state.items():
+        prefix = f"state.{name}."
+        sub = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            if isinstance(obj, nn.Module):
+                obj.load_state_dict(sub)
+            else:
+                with torch.no_grad():
+                    for i, t in enumerate(obj):
+                        t.copy_(sub[str(i)])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0][:300]
+            raise MmsecError(f"checkpoint slot {slot!r} does not fit {name!r} as configured now "
+                             f"(were the options changed since the run started?): {first}"
+                             ) from None
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, torch.Tensor):
+        return float(v.detach()) if v.numel() == 1 else None
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def train(
+    step: Callable[[Any, StepContext], Mapping[str, Any] | torch.Tensor],
+    batches: BatchSource | Callable[[int], Any],
+    optimizers: Optim | Mapping[str, Optim],
+    *,
+    steps: int | None = None,
+    epochs: int = 1,
+    run: Any = None,
+    slot: str = "train",
+    state: Mapping[str, nn.Module | Sequence[torch.Tensor]] | None = None,
+    train_modules: Sequence[nn.Module] = (),
+    accumulate: int = 1,
+    precision: str = "fp32",
+    device: torch.device | str | None = None,
+    on_epoch_end: Callable[[int, dict], dict | None] | None = None,
+    checkpoint_every: str | int = "epoch",
+    desc: str | None = None,
+) -> TrainResult:
+    """Train: ``epochs`` passes over ``batches`` (or exactly ``steps`` optimiser steps).
+
+    Args:
+        step: ``step(batch, ctx) -> {"loss": tensor, ...}`` (or a loss tensor); with several
+            optimisers the keys are their names.
+        batches: a :class:`BatchSource` (a bare ``fn(epoch)`` must return a sized iterable).
+        optimizers: one :class:`Optim`, or ``{name: Optim}``.
+        steps: optimiser steps in all (default ``epochs`` x batches per epoch / accumulate).
+        run: the run context (progress, log, checkpoints, ``--resume``); None runs silently.
+        slot: this loop's checkpoint slot (one per stage of a plugin).
+        state: modules (or tensors) checkpointed and restored on resume; default: each
+            optimiser's ``params`` when it is a module.
+        train_modules: modules put in train mode while training.
+        accumulate: batches per optimiser step (gradient accumulation).
+        precision: fp32 | bf16 | fp16 autocast around the step (CUDA; on the CPU only with
+            ``MMSEC_CPU_AUTOCAST=1``); parameters stay fp32.
+        on_epoch_end: ``fn(epoch, means) -> extra numbers`` after each epoch (eval mode).
+        checkpoint_every: ``"epoch"``, a number of steps, or ``"never"``.
+        desc: label of the progress bar and log lines (default: the slot).
+    """
+    specs = {"loss": optimizers} if isinstance(optimizers, Optim) else dict(optimizers)
+    if not specs:
+        raise ValueError("train needs at least one optimiser")
+    source = batches if isinstance(batches, BatchSource) else Batches(batches)
+    accumulate = max(1, int(accumulate))
+    per_epoch = len(source) // accumulate
+    if per_epoch < 1:
+        raise ValueError(f"{len(source)} batches per epoch cannot make one step of "
+                         f"{accumulate} accumulated batches")
+    total = int(steps) if steps is not None else int(epochs) * per_epoch
+    n_epochs = math.ceil(total / per_epoch)
+    if state is None:
+        state = {n: s.params for n, s in specs.items() if isinstance(s.params, nn.Module)}
+    if device is None:
+        first = next(iter(specs.values())).parameters()
+        device = first[0].device if first else torch.device("cpu")
+    loop = _Loop(specs, total, accumulate, precision, torch.device(device))
+    desc = desc or slot
+    single = len(specs) == 1
+    ctx = StepContext(loop)
+    result = TrainResult()
+    start_epoch, start_batch, gstep = 0, 0, 0
+    sums: dict[str, float] = {}
+    count = 0
+    save = run is not None and checkpoint_every != "never"
+    epoch_rng: dict[str, torch.Tensor] = {}
+
+    if run is not None and getattr(run, "resume", False):
+        ck = run.load_checkpoint(slot)
+        if ck is not None:
+            tensors, meta = ck
+            _load_module_state(state, tensors, slot)
+            loop.load(tensors, meta)
+            result.history = list(meta.get("history", []))
+            gstep = int(meta["step"])
+            result.resumed_at = gstep
+            if meta.get("done") and (gstep >= total or int(meta.get("total", -1)) == total):
+                result.steps, result.already_done = gstep, True
+                run.log.info("%s: already done (%d steps), not run again", desc, gstep)
+                return result
+            if meta.get("done"):
+                run.log.warning("%s: the checkpoint holds a finished run of %d steps; "
+                                "continuing it to %d steps", desc, gstep, total)
+            start_epoch, start_batch = int(meta["epoch"]), int(meta["batch"])
+            sums, count = dict(meta.get("sums", {})), int(meta.get("count", 0))
+            epoch_rng = {k[len("epoch_rng."):]: v for k, v in tensors.items()
+                         if k.startswith("epoch_rng.")}
+            run.log.info("%s: resumed at epoch %d, batch %d (step %d)", desc, start_epoch + 1,
+                         start_batch, gstep)
+
+    def checkpoint(epoch: int, batch: int, done: bool = False) -> None:
+        tensors = _module_state(state)
+        if batch:  # mid-epoch: the random state the epoch began with, to replay its batches
+            tensors.update({f"epoch_rng.{k}": v for k, v in epoch_rng.items()})
+        opt_tensors, opt_meta = loop.state()
+        tensors.update(opt_tensors)
+        run.save_checkpoint(tensors, {
+            "slot": slot, "desc": desc, "epoch": epoch, "batch": batch, "step": gstep,
+            "total": total, "done": done, "history": result.history, "sums": sums, "count": count,
+            "optimizers": {n: s.describe() for n, s in specs.items()}, **opt_meta,
+        }, slot=slot)
+
+    modes = [m.training for m in train_modules]
+    for m in train_modules:
+        m.train()
+    try:
+        for epoch in range(start_epoch, n_epochs):
+            first = start_batch if epoch == start_epoch else 0
+            if epoch != start_epoch:
+                sums, count = {}, 0
+            if first and epoch_rng:  # replay the skipped batches from the epoch's start state
+                now = capture_rng_state()
+                restore_rng_state(epoch_rng)
+                it = source.epoch(epoch, first)
+                restore_rng_state(now)
+            else:
+                epoch_rng = capture_rng_state()
+                it = source.epoch(epoch, first)
+            if run is not None:
+                it = run.progress(it, desc=f"{desc} {epoch + 1}/{n_epochs}",
+                                  total=len(source) - first)
+            position = first
+            for batch in it:
+                if gstep >= total:
+                    break
+                if loop.micro == 0:
+                    loop.set_lr(gstep)
+                ctx.step, ctx.epoch, ctx.updated = gstep, epoch, set()
+                with loop.autocast():
+                    out = step(batch, ctx)
+                if isinstance(out, torch.Tensor):
+                    out = {"loss": out}
+                logs: dict[str, float] = {}
+                for name in specs:
+                    key = "loss" if single else name
+                    loss = out.get(key)
+                    if name not in ctx.updated and loss is not None:
+                        loop.update(name, loss)
+                for key, value in out.items():
+                    number = _number(value)
+                    if number is not None:
+                        logs[key if single or key not in specs else f"loss_{key}"] = number
+                position += 1
+                loop.micro += 1
+                if loop.micro < accumulate:
+                    continue
+                for name in list(loop.pending):  # optimisers whose loss came from ctx.update
+                    loop._step(name)
+                loop.scaler.update()
+                loop.micro = 0
+                gstep += 1
+                count += 1
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                if hasattr(it, "set_postfix") and count % 10 == 0 and "loss" in sums:
+                    it.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+                if save and isinstance(checkpoint_every, int) and gstep % checkpoint_every == 0:
+                    checkpoint(epoch, position)
+            means = {k: v / max(1, count) for k, v in sums.items()}
+            means["epoch"] = epoch
+            if on_epoch_end is not None:
+                for m in train_modules:
+                    m.eval()
+                means.update(on_epoch_end(epoch, means) or {})
+                for m in train_modules:
+                    m.train()
+            result.history.append(means)
+            sums, count = {}, 0
+            if run is not None:
+                run.log.info("%s epoch %d: %s", desc, epoch + 1,
+                             ", ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "epoch"))
+                if save and (checkpoint_every == "epoch" or isinstance(checkpoint_every, int)) \
+                        and gstep < total:
+                    checkpoint(epoch + 1, 0)
+            if gstep >= total:
+                break
+    finally:
+        for m, mode in zip(train_modules, modes, strict=True):
+            m.train(mode)
+    result.steps = gstep
+    if save:
+        checkpoint(n_epochs, 0, done=True)
+    if run is not None:
+        run.log.debug("%s: %s", desc, json.dumps({"steps": gstep}))
+    return result
