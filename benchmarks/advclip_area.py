@@ -38,11 +38,7 @@ def main() -> None:
     os.environ.setdefault("MMSEC_PROGRESS", "0")
     from mmsec_plugins.advclip import AdvCLIP
 
-    from mmsec import api, evaluate
-    from mmsec.attacks import Artifact
-    from mmsec.cache import EmbeddingCache
-    from mmsec.data import load_dataset, subset
-    from mmsec.model import load_model
+    from mmsec import Artifact, EmbeddingCache, Evaluation, api, load_dataset, load_model, subset
 
     out = args.out or tempfile.mkdtemp(prefix="advclip-area-")
     model = load_model(args.model, args.pretrained, device="auto")
@@ -58,9 +54,12 @@ def main() -> None:
         wall = time.perf_counter() - t0
         m = res["metrics"]
         art = Artifact.load(res["attack_artifact"])
-        atk = AdvCLIP(art.meta.get("options", {}))
-        controls = [evaluate.evaluate_attack(model, test, atk, atk.control(art, seed), cache)
-                    for seed in range(args.control_seeds)]
+        atk = AdvCLIP(art.options)
+        ev = Evaluation(model, test, cache)
+        controls = []
+        for seed in range(args.control_seeds):
+            rows_ = ev.measure(ev.attacked(atk, atk.control(art, seed), condition="control"))
+            controls.append({r.metric: r.value for r in rows_ if r.task == "zero_shot"})
         ctrl = statistics.mean(c["fooling_rate"] for c in controls)
         rows.append({
             "area": area, "area_actual": round(art.meta["area_actual"], 4),

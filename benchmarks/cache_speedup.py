@@ -37,7 +37,7 @@ def main() -> None:
             rows.append({"run": attempt, "wall_s": round(time.perf_counter() - t0, 3),
                          "evaluate_s": res["durations"]["evaluate"],
                          "images_encoded": res["images_encoded"],
-                         "zs_top1": res["metrics"].get("zs_top1")})
+                         "clean_top1": res["metrics"].get("clean_top1")})
         speedup = rows[0]["evaluate_s"] / max(rows[1]["evaluate_s"], 1e-9)
         print(json.dumps({"rows": rows, "evaluate_speedup": round(speedup, 2)}, indent=2))
 

@@ -10,8 +10,9 @@ through the evaluation pipeline, and returns the run's ``results.json`` content:
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,8 @@ from typing import Any
 from .attacks import Artifact, Attack
 from .cache import EmbeddingCache
 from .context import RunContext, RunInputs
-from .data import ImageDataset, subset
-from .errors import MmsecError, UsageError
+from .data import ImageDataset, parse_spec, subset
+from .errors import MmsecError, PluginError, UsageError
 from .evaluation import Evaluation, Row, rows_to_metrics
 from .model import ClipModel
 from .registry import Registry, get_registry
@@ -50,12 +51,21 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _plugin_version(reg: Registry, cls: type) -> str | None:
-    for kind in ("attacks", "defenses"):
-        owner = reg.owner.get((kind, cls.name))
-        if owner:
-            return cls.version or reg.plugins[owner].version
-    return cls.version
+@contextlib.contextmanager
+def _culprit(reg: Registry, plugin: Any, phase: str) -> Iterator[None]:
+    """Errors raised inside a plugin's ``phase`` name the plugin, its distribution and the
+    phase."""
+    try:
+        yield
+    except (KeyboardInterrupt, UsageError):
+        raise
+    except Exception as exc:
+        kind = "attacks" if isinstance(plugin, Attack) else "defenses"
+        p = reg.provenance(kind, type(plugin))
+        who = f'plugin "{plugin.name}" ({p["distribution"] or "?"} {p["version"] or ""}'.rstrip()
+        if isinstance(exc, MmsecError):
+            raise type(exc)(f"{who}), {phase}: {exc}") from exc
+        raise PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}") from exc
 
 
 def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None = None
@@ -75,7 +85,26 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
                        ("seed", s.seed), ("device", str(ctx.device)),
                        ("precision", s.precision)):
         run.set(key, value)
+    # config.yaml: what this run really used (the resolved model, device, data)
+    run.set("config", {"kind": kind, "plugin": plugin, "model": model.name,
+                       "pretrained": model.pretrained, "data": s.data or "procedural",
+                       "split": s.split, "limit": s.limit, "device": str(ctx.device),
+                       "precision": s.precision, "seed": s.seed, "strict": s.strict,
+                       **s.extra})
+    if model.info.get("source") in reg.models:
+        ctx.record_plugin("models", reg.models[model.info["source"]])
+    name, _ = parse_spec(s.data)
+    if name in reg.datasets:
+        ctx.record_plugin("datasets", reg.datasets[name])
     return ctx, model
+
+
+def _configure(ctx: RunContext, plugin: Any, kind: str) -> None:
+    """The plugin's version, options and provenance in results.json and config.yaml."""
+    ctx.set("plugin_version", ctx.registry.provenance(kind, type(plugin))["version"])
+    ctx.set("options", plugin.options_dict())
+    ctx.run.fields["config"]["options"] = plugin.options_dict()
+    ctx.record_plugin(kind, type(plugin))
 
 
 def _data(ctx: RunContext, s: Settings, split: str | None = None,
@@ -113,6 +142,9 @@ def _finish(ctx: RunContext, rows: Sequence[Row], started: float) -> dict:
     ctx.run.metrics.update(rows_to_metrics(rows))
     ctx.run.metrics.update(own)
     ctx.run.rows.extend(r.as_dict() for r in rows)
+    for task in dict.fromkeys(r.task for r in rows):
+        if task in ctx.registry.metrics:
+            ctx.record_plugin("metrics", ctx.registry.metrics[task])
     ctx.set("images_encoded", ctx.cache.stats.encoded_by_kind.get("image", 0))
     ctx.set("texts_encoded", ctx.cache.stats.encoded_by_kind.get("text", 0))
     ctx.set("cache_hits", ctx.cache.stats.hits)
@@ -133,12 +165,17 @@ def load_artifact(path: str | Path, *, trigger: bool = False,
 
 
 def _measure(ev: Evaluation, ctx: RunContext, attack: Attack | None = None,
-             artifact: Artifact | None = None, control: Artifact | None = None) -> list[Row]:
+             artifact: Artifact | None = None, with_control: bool = True) -> list[Row]:
+    """Clean, attacked and control views of ``ev``, measured by its probes."""
     views = [ev.clean()]
     if attack is not None and artifact is not None:
-        views += ev.attacked(attack, artifact, run=ctx)
-        if control is not None:
-            views += ev.attacked(attack, control, condition="control", run=ctx)
+        with _culprit(ctx.registry, attack, "apply"):
+            views += ev.attacked(attack, artifact, run=ctx)
+        if with_control:
+            with _culprit(ctx.registry, attack, "control"):
+                control = attack.control(artifact, ctx.seed)
+                if control is not None:
+                    views += ev.attacked(attack, control, condition="control", run=ctx)
     return ev.measure(views)
 
 
@@ -170,7 +207,8 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
                 atk, artifact = loaded
                 ctx.set("trigger" if trigger else "attack_artifact", str(trigger or attack_artifact))
                 ctx.set("plugin", artifact.plugin)
-                rows = _measure(ev, ctx, atk, artifact, atk.control(artifact, s.seed))
+                ctx.record_plugin("attacks", type(atk))
+                rows = _measure(ev, ctx, atk, artifact)
         return _finish(ctx, rows, started)
 
 
@@ -185,16 +223,14 @@ def attack(plugin: str, settings: Settings | None = None, *,
     atk = cls(options or {})  # bad options fail here, before any heavy work
     ctx, model = _open("attack", plugin, s)
     with ctx.run:  # a failure marks the run failed before re-raising
-        ctx.set("plugin_version", _plugin_version(reg, cls))
-        ctx.set("options", atk.options_dict())
-        ctx.set("config", {"kind": "attack", "plugin": plugin, "options": atk.options_dict(),
-                           **{k: v for k, v in vars(s).items() if k not in ("extra",)}})
+        _configure(ctx, atk, "attacks")
         train = _data(ctx, s, "train") if cls.universal else _data(ctx, s, limit=s.limit)
         test = _data(ctx, s, limit=s.limit)
-        with ctx.timer("fit"):
+        with ctx.timer("fit"), _culprit(reg, atk, "fit"):
             result = atk.run_fit(model, train, ctx)
         artifact = result.artifact
-        artifact.source = {"plugin_version": _plugin_version(reg, cls)}
+        artifact.source = {k: v for k, v in reg.provenance("attacks", cls).items()
+                           if k in ("distribution", "version", "qualified")}
         path = artifact.save(ctx.artifacts_dir / f"{plugin}.safetensors")
         ctx.set("attack_artifact", str(path))
         victim = result.model
@@ -203,51 +239,57 @@ def attack(plugin: str, settings: Settings | None = None, *,
         with ctx.timer("evaluate"):
             ev = Evaluation(victim or model, test, ctx.cache, metrics=reg.metric_list(),
                             bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
-            rows = _measure(ev, ctx, atk, artifact, atk.control(artifact, s.seed))
+            rows = _measure(ev, ctx, atk, artifact)
             if victim is not None:
                 # the same trigger on the original model: the backdoor's baseline
                 zero_shot = [m for m in reg.metric_list() if m.name == "zero_shot"]
                 base = Evaluation(model, test, ctx.cache, metrics=zero_shot, label="original",
                                   progress=ctx.progress)
-                rows += _measure(base, ctx, atk, artifact)
+                rows += _measure(base, ctx, atk, artifact, with_control=False)
         return _finish(ctx, rows, started)
 
 
 # --------------------------------------------------------------------------- defend
 def defend(plugin: str, settings: Settings | None = None, *,
            options: Mapping[str, Any] | None = None, clean_items: int = 1000,
-           trigger: str | None = None) -> dict:
+           trigger: str | None = None, attack_artifact: str | None = None) -> dict:
     """Apply defense ``plugin`` with a small clean train sample; save and measure the result.
 
     With ``trigger`` (a backdoor's trigger spec), clean top-1 (CA) and ASR with the real
-    trigger are measured before and after. The defense itself never trains on the trigger.
+    trigger are measured before and after; with ``attack_artifact`` (a patch, a UAP, ...),
+    the attack's effect before and after. The defense receives either as
+    ``run.inputs`` (a defense must not train on a trigger it is meant to find).
     """
+    if attack_artifact and trigger:
+        raise UsageError("give either --attack-artifact or --trigger, not both")
     s = settings or Settings()
     started = time.perf_counter()
     reg = get_registry()
     cls = reg.defense(plugin)
     dfn = cls(options or {})
-    trig = load_artifact(trigger, trigger=True, registry=reg) if trigger else None
-    ctx, model = _open("defend", plugin, s, RunInputs(trigger=trig[1] if trig else None))
+    given = load_artifact(trigger or attack_artifact, trigger=bool(trigger), registry=reg) \
+        if (trigger or attack_artifact) else None
+    inputs = RunInputs(trigger=given[1] if trigger and given else None,
+                       attack_artifact=given[1] if attack_artifact and given else None)
+    ctx, model = _open("defend", plugin, s, inputs)
     with ctx.run:  # a failure marks the run failed before re-raising
-        ctx.set("plugin_version", _plugin_version(reg, cls))
-        ctx.set("options", dfn.options_dict())
-        ctx.set("config", {"kind": "defend", "plugin": plugin, "options": dfn.options_dict(),
-                           **{k: v for k, v in vars(s).items() if k not in ("extra",)}})
-        if trigger:
-            ctx.set("trigger", str(trigger))
+        _configure(ctx, dfn, "defenses")
+        ctx.run.fields["config"]["clean_items"] = clean_items
+        if given is not None:
+            ctx.set("trigger" if trigger else "attack_artifact", str(trigger or attack_artifact))
+            ctx.record_plugin("attacks", type(given[0]))
         clean = _data(ctx, s, "train", clean_items)
         test = _data(ctx, s, limit=s.limit)
         metrics = reg.metric_list()
         before = Evaluation(model, test, ctx.cache, metrics=metrics, label="before",
                             progress=ctx.progress)
-        rows = _measure(before, ctx, *(trig or (None, None)))
-        with ctx.timer("defend"):
+        rows = _measure(before, ctx, *(given or (None, None)))
+        with ctx.timer("defend"), _culprit(reg, dfn, "apply"):
             repaired = dfn.run_apply(model, clean, ctx)
         ctx.set("model_checkpoint", str(repaired.save(ctx.artifacts_dir / "model.safetensors")))
         after = Evaluation(repaired, test, ctx.cache, metrics=metrics, label="after",
                            progress=ctx.progress)
-        rows += _measure(after, ctx, *(trig or (None, None)))
+        rows += _measure(after, ctx, *(given or (None, None)))
         return _finish(ctx, rows, started)
 
 
@@ -277,6 +319,8 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     root.mkdir(parents=True, exist_ok=True)
     produced: dict[str, dict] = {}
     results = []
+    done: list[Path] = []
+    failure: tuple[Any, BaseException] | None = None
     for st in steps:
         model, pretrained = st.model, st.pretrained
         if st.model_from:
@@ -285,19 +329,27 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
                 raise UsageError(f"{st.label}: step {st.model_from!r} wrote no model")
             model, pretrained = None, ckpt
         s = Settings(model=model, pretrained=pretrained, data=st.data, split=st.split,
-                     device=st.device, precision=st.precision, seed=st.seed,
+                     device=st.device, precision=st.precision, seed=st.seed, limit=st.limit,
                      out=root / st.id, quiet=quiet)
         art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
         trig = produced[st.trigger_from].get("attack_artifact") if st.trigger_from else None
-        if st.kind == "attack":
-            res = attack(st.plugin, s, options=st.options)
-        elif st.kind == "defend":
-            res = defend(st.plugin, s, options=st.options, trigger=trig)
-        else:
-            res = eval(s, attack_artifact=art, trigger=trig)
+        try:
+            if st.kind == "attack":
+                res = attack(st.plugin, s, options=st.options, knn_bank=st.knn_bank)
+            elif st.kind == "defend":
+                res = defend(st.plugin, s, options=st.options, trigger=trig,
+                             attack_artifact=art, clean_items=st.clean_items)
+            else:
+                res = eval(s, attack_artifact=art, trigger=trig, knn_bank=st.knn_bank)
+        except (KeyboardInterrupt, Exception) as exc:  # the summary still gets written
+            failure = (st, exc)
+            if (root / st.id / "results.json").is_file():
+                done.append(root / st.id)
+            break
         produced[st.id] = res
         results.append(res)
-    rows, columns = merge_runs([root / st.id for st in steps])
+        done.append(root / st.id)
+    rows, columns = merge_runs(done) if done else ([], ["run", "kind", "plugin", "status"])
     table = write_report_table(rows, root / "summary.csv", md=True, columns=columns)
     from .io import write_atomic
 
@@ -307,4 +359,11 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     short = [c for c in ("run", "kind", "plugin", "status") if c in columns]
     short += [c for c in HEADLINE_METRICS if c in present]
     headline = write_report_table(rows, None, md=True, columns=short)
+    if failure is not None:
+        st, exc = failure
+        if isinstance(exc, KeyboardInterrupt):
+            raise exc
+        raise (type(exc) if isinstance(exc, MmsecError) else MmsecError)(
+            f"{st.label} failed ({len(results)} of {len(steps)} steps done; summary in "
+            f"{root / 'summary.md'}): {exc}") from exc
     return {"dir": str(root), "steps": results, "summary": headline, "summary_full": table}

@@ -587,6 +587,25 @@ class EmbeddingCache:
                 out[i] = out[j]
         return out
 
+    def encode_uncached(
+        self, kind: str, n: int, encode_fn: Callable[[list[int]], torch.Tensor | np.ndarray],
+        batch_size: int = 256, progress: bool = True, *, desc: str | None = None,
+    ) -> torch.Tensor:
+        """``encode`` without the cache (for a model whose fingerprint is not a safe key):
+        all ``n`` items are encoded, and counted in ``stats``."""
+        out = []
+        bar = progress_bar(total=n, desc=desc or f"encode {kind}", unit="item", enabled=progress)
+        try:
+            for start in range(0, n, batch_size):
+                idx = list(range(start, min(n, start + batch_size)))
+                out.append(torch.from_numpy(_as_matrix(encode_fn(idx), len(idx))))
+                bar.update(len(idx))
+        finally:
+            bar.close()
+        self.stats.encoded += n
+        self.stats.encoded_by_kind[kind] = self.stats.encoded_by_kind.get(kind, 0) + n
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
     def index(
         self, fingerprint: str, kind: str, keys: Sequence[str], backend: str | None = None,
         device: torch.device | str | None = None,

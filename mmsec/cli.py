@@ -82,9 +82,15 @@ def common_options(fn):
     return fn
 
 
+def _settings_quiet(quiet: bool) -> None:
+    if quiet:  # -q: plugin load problems stay in `mmsec plugins`, not on every command
+        logging.getLogger("mmsec.plugins").setLevel(logging.ERROR)
+
+
 def _settings(kw: dict):
     from .api import Settings
 
+    _settings_quiet(kw.get("quiet", False))
     return Settings(model=kw["model"], pretrained=kw["pretrained"], data=kw["data"],
                     split=kw["split"], device=kw["device"], precision=kw["precision"],
                     seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
@@ -111,7 +117,9 @@ def _setup_logging(quiet: bool = False) -> None:
 option_pairs = click.option(
     "-o", "--option", "options", type=(str, str), multiple=True, metavar="KEY VALUE",
     help="plugin option (repeatable), e.g. -o eps 4/255")
-plugin_option = click.option("-p", "--plugin", required=True, help="plugin name (`mmsec plugins`)")
+plugin_option = click.option("-p", "--plugin", required=True,
+                             help="plugin name, or DIST:NAME to choose a distribution's "
+                                  "(`mmsec plugins`)")
 
 
 class MmsecGroup(click.Group):
@@ -184,16 +192,20 @@ def attack_cmd(plugin, options, knn_bank, as_json, **kw):
 @click.option("--clean-items", type=int, default=1000, show_default=True,
               help="clean train items the defense may use")
 @click.option("--trigger", type=click.Path(), default=None,
-              help="the backdoor's trigger spec: CA and ASR before/after (the defense never "
-                   "sees it)")
+              help="the backdoor's trigger spec: CA and ASR before/after (the defense must not "
+                   "train on it)")
+@click.option("--attack-artifact", type=click.Path(), default=None,
+              help="an attack's artifact (a patch, a UAP): its effect before/after; the "
+                   "defense receives it as run.inputs.attack_artifact")
 @handle_errors
-def defend_cmd(plugin, options, clean_items, trigger, as_json, **kw):
+def defend_cmd(plugin, options, clean_items, trigger, attack_artifact, as_json, **kw):
     """Apply a defense plugin to a model and measure before/after."""
     from . import api
     from .options import parse_cli_pairs
 
     _print_results(api.defend(plugin, _settings(kw), options=parse_cli_pairs(options),
-                              clean_items=clean_items, trigger=trigger), as_json)
+                              clean_items=clean_items, trigger=trigger,
+                              attack_artifact=attack_artifact), as_json)
 
 
 @main.command("run")
@@ -203,9 +215,10 @@ def defend_cmd(plugin, options, clean_items, trigger, as_json, **kw):
 @click.option("-q", "--quiet", is_flag=True)
 @handle_errors
 def run_cmd(recipe, out, as_json, quiet):
-    """Run a YAML recipe: a chain of attack / defend / eval steps."""
+    """Run a YAML recipe: a chain of attack / defend / eval steps (format: docs/recipes.md)."""
     from . import api
 
+    _settings_quiet(quiet)
     res = api.run_recipe(recipe, out=out, quiet=quiet)
     if as_json:
         click.echo(json.dumps(res, indent=2))
@@ -240,7 +253,30 @@ def plugins_cmd(as_json):
         what = "; ".join(f"{k}: {', '.join(v)}" for k, v in r["items"].items()) or "-"
         src = f"{r['distribution'] or '?'} {r['version'] or ''}".strip()
         status = f"  FAILED: {r['error']}" if r["error"] else ""
-        click.echo(f"{r['name']:<14} {src:<22} {what}{status}")
+        refused = "".join(f"\n{'':<14} REFUSED: {note}" for note in r["refused"])
+        click.echo(f"{r['name']:<14} {src:<22} {what}{status}{refused}")
+
+
+@main.group("plugin")
+def plugin_group() -> None:
+    """Write your own plugin: `mmsec plugin new NAME --kind attack`."""
+
+
+@plugin_group.command("new")
+@click.argument("name")
+@click.option("--kind", type=click.Choice(["attack", "defense", "dataset", "metric"]),
+              default="attack", show_default=True, help="what the plugin registers")
+@click.option("--dir", "directory", type=click.Path(file_okay=False), default=None,
+              help="where to write the package (default: ./mmsec-NAME)")
+@handle_errors
+def plugin_new(name, kind, directory):
+    """Write a complete plugin package (pyproject, a working method, tests, README)."""
+    from .scaffold import new_plugin
+
+    root = new_plugin(name, kind, directory)
+    click.echo(f"wrote {root}/ (a {kind} plugin {name!r}). Next:\n"
+               f"  pip install -e {root}[test] && pytest {root}\n"
+               f"  mmsec plugins   # lists {name}")
 
 
 @main.command("models")
@@ -364,7 +400,7 @@ def zoo_train(name, data, epochs, seed, train_items, device, out_dir, out, resum
         run.set("model", f"zoo:{name}")
         run.set("dataset", spec["dataset"])
         run.set("seed", seed)
-        res = run.finish({"zs_top1": spec["metrics"]["zero_shot_top1"],
+        res = run.finish({"clean_top1": spec["metrics"]["zero_shot_top1"],
                           "train_seconds": spec["train"]["seconds"]})
     _print_results(res, as_json)
 

@@ -171,9 +171,21 @@ class RunContext:
                           strict=self.strict, inputs=self.inputs,
                           path=self._name(name))
 
+    def record_plugin(self, kind: str, item: Any) -> None:
+        """Add a plugin the run used (``kind``: attacks, defenses, datasets, models, metrics)
+        to results.json's ``plugins``, with its distribution and version."""
+        if self.registry is None:
+            return
+        entry = self.registry.provenance(kind, item)
+        used = self.run.fields.setdefault("plugins", [])
+        if all((u["kind"], u["qualified"]) != (entry["kind"], entry["qualified"]) for u in used):
+            used.append(entry)
+
     def attack(self, name: str, options: Mapping[str, Any] | None = None):
         """An instance of another registered attack plugin, with validated options."""
-        return self.registry.attack(name)(options or {})
+        cls = self.registry.attack(name)
+        self.record_plugin("attacks", cls)
+        return cls(options or {})
 
     def fit_attack(self, name: str, model, data, options: Mapping[str, Any] | None = None,
                    *, child: str | None = None) -> tuple[Any, AttackResult]:

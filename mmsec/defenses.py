@@ -1,32 +1,50 @@
-"""The defense contract: options and ``apply(model, data, run) -> model``.
+"""The defense contract: ``apply(model, data, run) -> model``, for two kinds of defenses.
 
-A defense plugin subclasses :class:`Defense`, declares its ``Options`` (defaults = the
-paper's values) and implements ``apply``: it receives a ``ClipModel``, a small clean
-``ImageDataset`` and the run context, and returns the repaired (or wrapped) ``ClipModel``.
-What it finds along the way (an inverted trigger, a target ranking, a detector) goes into
-the run: ``run.metrics``, ``run.save_tensors``, ``run.save_image``, ``run.add_section``.
+A *model-repairing* defense subclasses :class:`Defense`, declares its ``Options`` (defaults =
+the paper's values) and implements ``apply``: it receives a ``ClipModel``, a small clean
+``ImageDataset`` and the run context, and returns the repaired ``ClipModel`` (a changed
+copy). What it finds along the way (an inverted trigger, a target ranking) goes into the
+run: ``run.metrics``, ``run.save_tensors``, ``run.save_image``, ``run.add_section``.
 Another plugin it needs (InverTune simulates a universal attack) runs in a child run:
-``run.fit_attack(name, model, data, options)``.
+``run.fit_attack(name, model, data, options)``. An attack artifact the run was given
+(``mmsec defend --attack-artifact``) is ``run.inputs.attack_artifact``.
+
+An *input-transform* defense (a purifier) subclasses :class:`InputTransform` and implements
+``transform(artifact, images) -> images`` (and, when it learns something from the clean
+data, ``fit(model, data, run) -> Artifact``). mmsec wraps the model into a
+:class:`TransformedModel` whose images go through the transform first; its fingerprint
+covers the defense, its options and its artifact, so its embeddings are never mistaken for
+the unwrapped model's, and its checkpoint records the defense, so loading it rebuilds the
+wrapper instead of dropping it.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import torch
+
+from .attacks import Artifact
 from .base import Plugin
 from .errors import MmsecError
+from .model import ClipModel
 
-__all__ = ["Defense"]
+__all__ = ["Defense", "InputTransform", "TransformedModel"]
 
 
 class Defense(Plugin):
     """Base class of defense plugins (see the module docstring)."""
 
+    #: ``repair`` (returns changed weights) or ``transform`` (wraps the model's input)
+    kind: ClassVar[str] = "repair"
+
     def apply(self, model, data, run):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def run_apply(self, model, data, run):
+    def run_apply(self, model, data, run) -> ClipModel:
         """``apply`` with the input model's state owned by the host (eval mode, restored)."""
-        from .model import ClipModel
-
         with self.model_state(model):
             out = self.apply(model, data, run)
         if not isinstance(out, ClipModel):
@@ -34,3 +52,91 @@ class Defense(Plugin):
                              "a ClipModel")
         out.eval()
         return out
+
+
+class InputTransform(Defense):
+    """An input-transform defense: ``transform`` changes the images before the model sees
+    them; the weights stay as they are."""
+
+    kind: ClassVar[str] = "transform"
+
+    def fit(self, model, data, run) -> Artifact | None:
+        """What the transform learns from the clean data (a threshold, a denoiser), as an
+        artifact of this plugin; None when it learns nothing."""
+        return None
+
+    def transform(self, artifact: Artifact | None, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> the same shape in [0, 1]."""  # pragma: no cover
+        raise NotImplementedError
+
+    def apply(self, model, data, run) -> TransformedModel:
+        artifact = self.fit(model, data, run)
+        if artifact is not None and not isinstance(artifact, Artifact):
+            raise MmsecError(f'plugin "{self.name}": fit returned {type(artifact).__name__}, '
+                             "not an Artifact or None")
+        return TransformedModel(model, self, artifact)
+
+    def artifact(self, tensors: dict[str, torch.Tensor] | None = None,
+                 meta: dict[str, Any] | None = None) -> Artifact:
+        """An artifact of this defense with its options recorded."""
+        return Artifact(self.name, options=self.options_dict(), tensors=dict(tensors or {}),
+                        meta=dict(meta or {}))
+
+
+class TransformedModel(ClipModel):
+    """``base`` (sharing its weights) behind an :class:`InputTransform` defense."""
+
+    def __init__(self, base: ClipModel, defense: InputTransform,
+                 artifact: Artifact | None = None) -> None:
+        training = base.clip.training
+        super().__init__(base.clip, base.tokenizer, name=base.name, pretrained=base.pretrained,
+                         image_size=base.image_size, mean=base.mean.flatten().tolist(),
+                         std=base.std.flatten().tolist(), precision=base.precision,
+                         info=base.info)
+        self.mean, self.std = base.mean, base.std
+        self.defense, self.artifact = defense, artifact
+        self.clip.train(training)
+
+    def forward(self, images: torch.Tensor | None = None, texts: Any = None, **kwargs: Any):
+        if images is not None:
+            images = self.defense.transform(self.artifact, images)
+        return super().forward(images, texts, **kwargs)
+
+    def fingerprint_extra(self) -> dict[str, Any]:
+        h = hashlib.sha256()
+        if self.artifact is not None:
+            for k, v in sorted(self.artifact.tensors.items()):
+                h.update(k.encode())
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                         .tobytes())
+        return {"defense": self.defense.name, "options": self.defense.options_dict(),
+                "version": self.defense.version,
+                "artifact_meta": self.artifact.meta if self.artifact else None,
+                "artifact_tensors": h.hexdigest()}
+
+    def wrapper_spec(self) -> dict[str, Any]:
+        return {"kind": "input-transform", "defense": self.defense.name,
+                "options": self.defense.options_dict(),
+                "artifact": None if self.artifact is None else
+                {"plugin": self.artifact.plugin, "options": self.artifact.options,
+                 "meta": self.artifact.meta}}
+
+    def wrapper_tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.artifact.tensors) if self.artifact is not None else {}
+
+    def describe(self) -> str:
+        return f"{super().describe()} behind {self.defense.name}"
+
+
+def rebuild_transformed(base: ClipModel, spec: Mapping[str, Any],
+                        tensors: Mapping[str, torch.Tensor],
+                        defenses: Callable[[str], type]) -> TransformedModel:
+    """The :class:`TransformedModel` a checkpoint describes (``ClipModel.save`` of one)."""
+    cls = defenses(spec["defense"])
+    if not (isinstance(cls, type) and issubclass(cls, InputTransform)):
+        raise MmsecError(f"checkpoint wraps its model in {spec['defense']!r}, which is not an "
+                         "input-transform defense here")
+    art = spec.get("artifact")
+    artifact = None if art is None else Artifact(art["plugin"], options=art["options"],
+                                                 tensors=dict(tensors), meta=art["meta"])
+    return TransformedModel(base, cls(spec["options"]), artifact)

@@ -47,6 +47,7 @@ log = logging.getLogger("mmsec.model")
 ZOO_DIR = Path(__file__).parent / "zoo"
 DEFAULT_ZOO = "shapes"
 CHECKPOINT_FORMAT = "mmsec-clip-v1"
+WRAPPER_PREFIX = "wrapper."
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Tower = Literal["image", "text", "all"]
 _HEAD_CACHE_SIZE = 16
@@ -530,18 +531,41 @@ class ClipModel(nn.Module):
         params = self.tower_parameters(tower)
         return tuple(int(p._version) for p in params) + tuple(int(p.data_ptr()) for p in params)
 
+    def fingerprint_extra(self) -> dict[str, Any]:
+        """What a subclass (a wrapper) adds to the computation besides its tensors, as JSON
+        data. A subclass that overrides the forward pass must override this too (return
+        ``{}`` when its own parameters and buffers say it all); until it does, its
+        embeddings are never cached (:attr:`cacheable`)."""
+        return {}
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether :attr:`fingerprint` covers everything this model computes: a plain
+        ClipModel, or a subclass that declares its :meth:`fingerprint_extra`."""
+        own = type(self).fingerprint_extra is not ClipModel.fingerprint_extra
+        return type(self) is ClipModel or own
+
     @property
     def fingerprint(self) -> str:
         """Hash of weights + config + preprocessing (the embedding cache's key); the weights
-        are hashed again only when :meth:`weights_version` changed."""
+        are hashed again only when :meth:`weights_version` changed. A subclass's class,
+        own tensors and :meth:`fingerprint_extra` are part of it."""
+        extra_state = {k: v for k, v in self.state_dict().items() if not k.startswith("clip.")}
         version = self.weights_version("all") + tuple(
-            int(b._version) for b in self.clip.buffers())
+            int(b._version) for b in self.clip.buffers()) + tuple(
+            (int(v._version), int(v.data_ptr())) for v in extra_state.values())
         if self._fp is None or self._fp[0] != version:
             h = hashlib.sha256()
             h.update(json.dumps({"name": self.name, "size": self.image_size,
                                  "mean": self.mean.flatten().tolist(),
                                  "std": self.std.flatten().tolist(), "prep": "v1"}).encode())
-            for k, v in sorted(self.clip.state_dict().items()):
+            tensors = sorted(self.clip.state_dict().items())
+            if type(self) is not ClipModel:
+                cls = f"{type(self).__module__}.{type(self).__qualname__}"
+                h.update(json.dumps({"class": cls, "extra": self.fingerprint_extra()},
+                                    sort_keys=True, default=str).encode())
+                tensors += sorted(extra_state.items())
+            for k, v in tensors:
                 h.update(k.encode())
                 h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
                          .tobytes())
@@ -557,16 +581,33 @@ class ClipModel(nn.Module):
             meta["zoo"] = json.dumps(self.info["zoo_spec"])
         return meta
 
+    def wrapper_spec(self) -> dict[str, Any] | None:
+        """For a subclass (a wrapper): what a checkpoint records so that loading it does not
+        silently drop the wrapper. Subclasses that can be rebuilt override this (and
+        :meth:`wrapper_tensors`); the default only names the class, which loading refuses."""
+        if type(self) is ClipModel:
+            return None
+        return {"kind": "class", "class": f"{type(self).__module__}.{type(self).__qualname__}"}
+
+    def wrapper_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
     def save(self, path: str | Path, extra_metadata: dict[str, str] | None = None) -> Path:
-        """Save the weights as safetensors (atomic) with what is needed to load them again."""
+        """Save the weights as safetensors (atomic) with what is needed to load them again
+        (a wrapper's spec and tensors too)."""
         from .io import safetensors_bytes, write_atomic
 
         meta = {**self.checkpoint_metadata(), **(extra_metadata or {})}
-        return write_atomic(path, safetensors_bytes(self.clip.state_dict(), meta))
+        tensors = dict(self.clip.state_dict())
+        spec = self.wrapper_spec()
+        if spec is not None:
+            meta["wrapper"] = json.dumps(spec)
+            tensors.update({f"{WRAPPER_PREFIX}{k}": v for k, v in self.wrapper_tensors().items()})
+        return write_atomic(path, safetensors_bytes(tensors, meta))
 
     def __deepcopy__(self, memo: dict) -> ClipModel:
         # A copy gets its own (empty) caches: they are keyed by this object's weights.
-        new = ClipModel.__new__(ClipModel)
+        new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__dict__.items():
             if key == "_heads":
@@ -770,6 +811,7 @@ def _is_file(pretrained: str | None) -> bool:
 def load_model(
     model: str | None = None, pretrained: str | None = None, *, device: str | None = "auto",
     precision: str = "fp32", sources: Mapping[str, ModelSource] | None = None,
+    defenses: Callable[[str], type] | None = None,
 ) -> ClipModel:
     """Load a ClipModel from a registered model source (see the module doc).
 
@@ -784,6 +826,18 @@ def load_model(
     loadable = [s for s in table.values() if s.load is not None]
     is_file = _is_file(pretrained)
     state, meta = read_state_dict(pretrained) if is_file else (None, {})
+    wrapper = json.loads(meta["wrapper"]) if "wrapper" in meta else None
+    wrapped: dict[str, torch.Tensor] = {}
+    if wrapper is not None:
+        wrapped = {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()
+                   if k.startswith(WRAPPER_PREFIX)}
+        state = {k: v for k, v in state.items() if not k.startswith(WRAPPER_PREFIX)}
+        if wrapper.get("kind") != "input-transform" or defenses is None:
+            raise MmsecError(
+                f"{pretrained}: a wrapped model ({wrapper.get('class') or wrapper.get('defense')})"
+                "; mmsec will not load it without its wrapper"
+                + ("" if wrapper.get("kind") == "input-transform" else
+                   " (only input-transform defenses can be rebuilt from a checkpoint)"))
     if model is None and meta.get("format") == CHECKPOINT_FORMAT:
         model = meta["model"]
     if model is None and pretrained is not None and not is_file:
@@ -807,5 +861,10 @@ def load_model(
     if not isinstance(cm, ClipModel):
         raise MmsecError(f'model source "{source.name}" returned {type(cm).__name__}, '
                          "not a ClipModel")
+    cm.info["source"] = source.name
     cm.precision = precision
+    if wrapper is not None:
+        from .defenses import rebuild_transformed
+
+        cm = rebuild_transformed(cm, wrapper, wrapped, defenses)
     return cm.to(pick_device(device)).eval()

@@ -9,8 +9,10 @@ defaults are the paper's values::
 
 Every float field (also inside ``Optional``/``list``) accepts a fraction written as a string,
 ``"4/255"``, because that is how people write pixel budgets on a command line and in YAML.
-List fields accept ``"1,2,3"`` or ``"[1, 2, 3]"`` from the CLI, and optional fields accept
-``"none"``/``"null"``.
+List fields accept ``"1,2,3"`` or ``"[1, 2, 3]"`` from the CLI, dict fields YAML flow syntax
+(``-o simulator_options "{epochs: 2, area: 0.1}"``), and optional fields ``"none"``/``"null"``.
+Defaults are validated too: a plugin whose default does not pass its own field is reported
+when it loads.
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ def _split_list(text: str) -> list[Any]:
     return [item.strip() for item in stripped.split(",")]
 
 
+def _flow_mapping(text: str) -> Any:
+    """``"{epochs: 2, area: 0.1}"`` (YAML flow syntax, safe-loaded) -> a dict; anything else is
+    returned unchanged for the field's own validation to reject."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return loaded if isinstance(loaded, dict) else text
+
+
 def _coerce(value: Any, annotation: Any) -> Any:
     """Make CLI/YAML-friendly spellings acceptable to the field's own validation.
 
@@ -141,6 +155,8 @@ def _coerce(value: Any, annotation: Any) -> Any:
     if annotation is float:
         return _float_or_passthrough(value)
     origin = typing.get_origin(annotation)
+    if (annotation is dict or origin in (dict, Mapping)) and isinstance(value, str):
+        return _flow_mapping(value)
     if origin in (list, tuple, set, frozenset, Sequence):
         args = typing.get_args(annotation)
         if isinstance(value, str):
@@ -161,7 +177,7 @@ class Options(BaseModel):
     ``Field(description=...)``. Float fields accept ``"4/255"`` automatically.
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
     @field_validator("*", mode="before")
     @classmethod

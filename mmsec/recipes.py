@@ -34,7 +34,8 @@ __all__ = ["Defaults", "Recipe", "ResolvedStep", "Step", "load_recipe", "parse_r
 
 StepKind = Literal["attack", "defend", "eval"]
 Precision = Literal["fp32", "bf16", "fp16"]
-SETTINGS: tuple[str, ...] = ("model", "pretrained", "data", "device", "precision", "seed", "split")
+SETTINGS: tuple[str, ...] = ("model", "pretrained", "data", "device", "precision", "seed", "split",
+                             "limit", "clean_items", "knn_bank")
 _DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
@@ -54,6 +55,11 @@ class Defaults(_Strict):
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16")
     seed: int = Field(0, description="random seed")
     split: str = Field("test", description="dataset split")
+    limit: int | None = Field(None, ge=1, description="evaluate on N items only")
+    clean_items: int = Field(1000, ge=1, description="defend steps: clean train items the "
+                                                     "defense may use")
+    knn_bank: int = Field(2000, ge=0, description="attack/eval steps: train items of the kNN "
+                                                  "bank (0: no kNN metrics)")
 
 
 class Step(_Strict):
@@ -70,6 +76,9 @@ class Step(_Strict):
     precision: Precision | None = None
     seed: int | None = None
     split: str | None = None
+    limit: int | None = Field(None, ge=1)
+    clean_items: int | None = Field(None, ge=1)
+    knn_bank: int | None = Field(None, ge=0)
     model_from: str | None = Field(None, description="use the model an earlier step wrote")
     artifact_from: str | None = Field(None, description="apply an earlier attack's artifact")
     trigger_from: str | None = Field(None, description="measure ASR with an earlier trigger")
@@ -93,6 +102,12 @@ class Step(_Strict):
                 "an eval step takes no plugin (use artifact_from/trigger_from)",
                 {"field": ("plugin",)},
             )
+        if self.artifact_from and self.trigger_from:
+            raise PydanticCustomError(
+                "recipe_conflict",
+                "give either artifact_from or trigger_from, not both",
+                {"field": ("trigger_from",)},
+            )
         if self.model_from and {"model", "pretrained"} & self.model_fields_set:
             raise PydanticCustomError(
                 "recipe_conflict",
@@ -101,6 +116,8 @@ class Step(_Strict):
             )
         return self
 
+
+_COUNTS = ("clean_items", "knn_bank")
 
 # What each reference may point at: models come from attacks (backdoors) and defenses,
 # artifacts and triggers from attacks.
@@ -162,15 +179,18 @@ class Recipe(_Strict):
             seen[step.id] = index
         return self
 
+    def _setting(self, step: Step, key: str) -> Any:
+        """A step's own setting (even ``null``), else the default; a count left ``null``
+        (``clean_items``, ``knn_bank``) takes the default."""
+        value = getattr(step, key)
+        if key not in step.model_fields_set or (value is None and key in _COUNTS):
+            return getattr(self.defaults, key)
+        return value
+
     def resolved_steps(self) -> Iterator[ResolvedStep]:
         """Each step with the defaults merged in (a step's own setting wins, even ``null``)."""
         for index, step in enumerate(self.steps):
-            settings = {
-                key: getattr(step, key)
-                if key in step.model_fields_set
-                else getattr(self.defaults, key)
-                for key in SETTINGS
-            }
+            settings = {key: self._setting(step, key) for key in SETTINGS}
             yield ResolvedStep(
                 index=index,
                 id=step.id,
@@ -199,6 +219,9 @@ class ResolvedStep:
     precision: Precision
     seed: int
     split: str
+    limit: int | None
+    clean_items: int
+    knn_bank: int
     options: dict[str, Any] = field(default_factory=dict)
     model_from: str | None = None
     artifact_from: str | None = None

@@ -1,16 +1,25 @@
 """The plugin manager: built-ins and entry points, loaded the same way, failures named.
 
-Plugins are modules with hook implementations (see ``mmsec.hookspecs``). They
-come from two places:
+Plugins are modules with hook implementations (see ``mmsec.hookspecs``). They come from two
+places:
 
-- mmsec's own default plugin (``mmsec.builtins``: the data sources, model
-  sources and metrics of the host), always loaded;
-- every entry point in the group ``mmsec`` -- the built-in attacks and defenses
-  under ``plugins/`` are registered there exactly like a third party's.
+- mmsec's own default plugin (``mmsec.default_plugins``: the data sources, model sources
+  and metrics of the host), always loaded;
+- every entry point in the group ``mmsec``: the built-in attacks and defenses under
+  ``plugins/`` are registered there exactly like a third party's, and load first.
 
-``MMSEC_LOAD_PLUGINS`` restricts the entry points: a comma-separated list of
-plugin (entry-point) names, or empty for none. A plugin that fails to import,
-declares a misspelt hook, or raises inside a hook is reported by name and
+Names cannot be hijacked. Everything registered has a qualified name ``DIST:NAME`` (its
+distribution, e.g. ``mmsec:pgd``); the bare name ``NAME`` means the built-in when mmsec has
+one, else the only plugin that registers it. A third-party plugin that registers a
+built-in's name is refused that name (a load error names both distributions; its item stays
+reachable as ``DIST:NAME``); two third-party plugins with the same name leave the bare name
+ambiguous, and using it is an error that lists the qualified names.
+
+A plugin declares the plugin API it was written for (``mmsec_api_version = 2`` in its
+module); a plugin for another version is reported and skipped. ``MMSEC_LOAD_PLUGINS``
+restricts the entry points (a comma-separated list of plugin names, or empty for none);
+``MMSEC_TRACE_PLUGINS=1`` logs every hook call with its plugin. A plugin that fails to
+import, declares a misspelt hook, or raises inside a hook is reported by name and
 distribution; the others keep working.
 """
 
@@ -20,6 +29,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from types import ModuleType
@@ -34,8 +44,21 @@ from .evaluation.views import Metric
 log = logging.getLogger("mmsec.plugins")
 
 GROUP = "mmsec"
+API_VERSION = 2
 DEFAULT_PLUGINS = ("mmsec.default_plugins",)
 KINDS = ("attacks", "defenses", "datasets", "models", "metrics", "commands")
+
+__all__ = ["API_VERSION", "GROUP", "KINDS", "PluginInfo", "Registry", "get_registry",
+           "load_plugins", "normalize_dist", "reset_registry"]
+
+
+def normalize_dist(name: str) -> str:
+    """A distribution name as it appears in qualified plugin names (PEP 503, lower-case)."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def tracing() -> bool:
+    return os.environ.get("MMSEC_TRACE_PLUGINS", "") not in ("", "0")
 
 
 @dataclass
@@ -49,32 +72,56 @@ class PluginInfo:
     builtin: bool = False
     items: dict[str, list[str]] = field(default_factory=dict)
     error: str | None = None
+    #: names this plugin registered that it was refused (a built-in's, or ambiguous)
+    refused: list[str] = field(default_factory=list)
+
+    @property
+    def dist(self) -> str:
+        """The qualifier of this plugin's items: its normalised distribution, else its name."""
+        return normalize_dist(self.distribution) if self.distribution else self.name
 
     def as_dict(self) -> dict[str, Any]:
         kinds = sorted({k[:-1] for k, v in self.items.items() if v})
-        return {"name": self.name, "kinds": kinds, "items": {k: v for k, v in self.items.items()
-                                                            if v},
+        return {"name": self.name, "kinds": kinds,
+                "items": {k: v for k, v in self.items.items() if v},
                 "module": self.module, "distribution": self.distribution,
-                "version": self.version, "builtin": self.builtin, "error": self.error}
+                "version": self.version, "builtin": self.builtin, "error": self.error,
+                "refused": list(self.refused)}
 
 
 class Registry:
-    """What the loaded plugins registered, by kind and name."""
+    """What the loaded plugins registered, by kind and name (bare and qualified)."""
 
     def __init__(self) -> None:
         self.pm = pluggy.PluginManager(GROUP)
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
+        # bare name -> item, per kind
         self.attacks: dict[str, type] = {}
         self.defenses: dict[str, type] = {}
         self.datasets: dict[str, Any] = {}
         self.models: dict[str, Any] = {}
         self.metrics: dict[str, Metric] = {}
+        #: ``DIST:NAME`` -> item, per kind
+        self.qualified: dict[str, dict[str, Any]] = {k: {} for k in KINDS}
+        #: bare names registered by several third-party plugins -> their qualified names
+        self.ambiguous: dict[str, dict[str, list[str]]] = {k: {} for k in KINDS}
+        #: (kind, bare or qualified name) -> plugin name
         self.owner: dict[tuple[str, str], str] = {}
 
     # ------------------------------------------------------------------ loading
     def add_plugin(self, module: ModuleType | object, info: PluginInfo) -> bool:
-        """Register one plugin module; on a bad hook, record the error and leave it out."""
+        """Register one plugin module; on a bad hook or API version, record the error and
+        leave it out."""
+        declared = getattr(module, "mmsec_api_version", None)
+        if declared != API_VERSION:
+            wrote = (f"declares mmsec_api_version = {declared!r}" if declared is not None else
+                     "declares no mmsec_api_version (a plugin for mmsec 0.1, API 1)")
+            info.error = (f"written for another plugin API: it {wrote}; this mmsec provides "
+                          f"API {API_VERSION} (see docs/api.md)")
+            log.warning('Plugin "%s"%s skipped: %s', info.name, _dist_note(info), info.error)
+            self.plugins[info.name] = info
+            return False
         try:
             self.pm.register(module, name=info.name)
             self.pm.check_pending()
@@ -89,15 +136,18 @@ class Registry:
         return True
 
     def collect(self) -> None:
-        """Call every plugin's register hooks, one plugin at a time.
+        """Call every plugin's register hooks, one plugin at a time, built-ins first.
 
         A plugin's items are staged and committed only when all its hooks succeed, so a
-        plugin that raises (and is reported by name) leaves nothing half-registered.
+        plugin that raises (and is reported by name, with what was not registered) leaves
+        nothing half-registered.
         """
         impls = {kind: {i.plugin_name: i for i in
                         getattr(self.pm.hook, f"register_{kind}").get_hookimpls()}
                  for kind in KINDS[:-1]}
-        for name, info in list(self.plugins.items()):
+        order = sorted(self.plugins.values(), key=lambda p: not p.builtin)
+        for info in order:
+            name = info.name
             if info.error or not self.pm.has_plugin(name):
                 continue
             staged: list[tuple[str, Any]] = []
@@ -111,9 +161,14 @@ class Registry:
                     if impl.hookwrapper or impl.wrapper:
                         raise TypeError(f"register_{kind} must be a plain hook, not a wrapper")
                     stage = self._stager(kind, staged)
+                    if tracing():
+                        log.info('trace: plugin "%s" %s', name, hook)
                     impl.function(**{arg: stage for arg in impl.argnames})
             except Exception as exc:  # a third-party hook may raise anything
-                info.error = f"{hook} raised {type(exc).__name__}: {exc}"
+                dropped = ", ".join(f"{k[:-1]} {getattr(i, 'name', i)}" for k, i in staged)
+                info.error = (f"{hook} raised {type(exc).__name__}: {exc}; nothing of this "
+                              f"plugin is registered"
+                              + (f" (dropped: {dropped})" if dropped else ""))
                 log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info), info.error)
                 continue
             for kind, item in staged:
@@ -126,8 +181,9 @@ class Registry:
                     raise TypeError(f"metric {item!r} registered without a callable function")
                 item = Metric(str(item), function, description)
             name = getattr(item, "name", None)
-            if not isinstance(name, str) or not name:
-                raise TypeError(f"{kind[:-1]} registered without a string `name`: {item!r}")
+            if not isinstance(name, str) or not name or ":" in name:
+                raise TypeError(f"{kind[:-1]} registered without a valid `name` (a non-empty "
+                                f"string without ':'): {item!r}")
             if kind in ("attacks", "defenses"):
                 _check_plugin_class(item, kind)
             staged.append((kind, item))
@@ -137,18 +193,41 @@ class Registry:
     def _commit(self, kind: str, item: Any, info: PluginInfo) -> None:
         table = getattr(self, kind)
         name = item.name
-        if name in table:
-            log.warning('plugin "%s" registers %s "%s" already registered by "%s"; keeping '
-                        "the first", info.name, kind[:-1], name, self.owner[(kind, name)])
-            return
         if kind in ("datasets", "metrics", "models") and getattr(item, "plugin", None) != info.name:
             try:
                 item = dataclasses.replace(item, plugin=info.name)
             except TypeError:
                 pass
-        table[name] = item
-        self.owner[(kind, name)] = info.name
+        qname = f"{info.dist}:{name}"
+        if qname in self.qualified[kind]:
+            info.refused.append(f"{kind[:-1]} {qname} (registered twice)")
+            return
+        self.qualified[kind][qname] = item
+        self.owner[(kind, qname)] = info.name
         info.items.setdefault(kind, []).append(name)
+        if name in self.ambiguous[kind]:
+            self.ambiguous[kind][name].append(qname)
+            return
+        if name not in table:
+            table[name] = item
+            self.owner[(kind, name)] = info.name
+            return
+        first = self.plugins[self.owner[(kind, name)]]
+        if first.builtin:  # a built-in keeps its name
+            note = (f'{kind[:-1]} "{name}" is a built-in of {first.dist}: the name stays '
+                    f"mmsec's; this plugin's is {qname}")
+            info.refused.append(note)
+            log.warning('Plugin "%s"%s refused the name %s', info.name, _dist_note(info), note)
+            return
+        # two third-party plugins: the bare name means neither
+        del table[name]
+        del self.owner[(kind, name)]
+        self.ambiguous[kind][name] = [f"{first.dist}:{name}", qname]
+        for p in (first, info):
+            p.refused.append(f'{kind[:-1]} "{name}" is ambiguous: use '
+                             f"{first.dist}:{name} or {qname}")
+        log.warning('%s "%s" is registered by %s and %s: use %s:%s or %s', kind[:-1], name,
+                    first.dist, info.dist, first.dist, name, qname)
 
     def add_commands(self, cli: Any) -> None:
         for impl in self.pm.hook.register_commands.get_hookimpls():
@@ -157,6 +236,8 @@ class Registry:
                 continue
             try:
                 before = set(getattr(cli, "commands", {}))
+                if tracing():
+                    log.info('trace: plugin "%s" register_commands', info.name)
                 impl.function(cli=cli)
                 info.items.setdefault("commands", []).extend(
                     sorted(set(getattr(cli, "commands", {})) - before))
@@ -166,15 +247,25 @@ class Registry:
 
     # ------------------------------------------------------------------ lookups
     def attack(self, name: str) -> type:
+        """The attack class ``name`` (``NAME`` or ``DIST:NAME``)."""
         return self._get("attacks", name)
 
     def defense(self, name: str) -> type:
+        """The defense class ``name`` (``NAME`` or ``DIST:NAME``)."""
         return self._get("defenses", name)
 
-    def _get(self, kind: str, name: str) -> type:
+    def _get(self, kind: str, name: str) -> Any:
         table = getattr(self, kind)
-        if name in table:
+        if ":" in name:
+            dist, _, bare = name.partition(":")
+            qname = f"{normalize_dist(dist)}:{bare}"
+            if qname in self.qualified[kind]:
+                return self.qualified[kind][qname]
+        elif name in table:
             return table[name]
+        elif name in self.ambiguous[kind]:
+            raise UsageError(f"{kind[:-1]} plugin {name!r} is registered by several plugins: "
+                             f"choose one with -p {' or -p '.join(self.ambiguous[kind][name])}")
         failed = [p for p in self.plugins.values() if p.error and p.name == name]
         if failed:
             raise PluginError(f'plugin "{name}"{_dist_note(failed[0])} failed to load: '
@@ -188,6 +279,25 @@ class Registry:
     def failures(self) -> list[PluginInfo]:
         return [p for p in self.plugins.values() if p.error]
 
+    def info_of(self, kind: str, item: Any) -> PluginInfo | None:
+        """The plugin that registered ``item`` (a class or registered object) of ``kind``."""
+        for (k, key), owner in self.owner.items():
+            if k == kind and ":" in key and self.qualified[kind].get(key) is item:
+                return self.plugins.get(owner)
+        return None
+
+    def provenance(self, kind: str, item: Any) -> dict[str, Any]:
+        """``{kind, name, qualified, plugin, distribution, version}`` of a registered item:
+        what results.json records for every plugin a run used."""
+        info = self.info_of(kind, item)
+        name = getattr(item, "name", str(item))
+        version = getattr(item, "version", None) if isinstance(item, type) else None
+        return {"kind": kind[:-1], "name": name,
+                "qualified": f"{info.dist}:{name}" if info else name,
+                "plugin": info.name if info else None,
+                "distribution": info.distribution if info else None,
+                "version": version or (info.version if info else None)}
+
     def attack_for(self, artifact: Any):
         """An instance of the attack plugin that made ``artifact``, with the artifact's options."""
         return self.attack(artifact.plugin)(artifact.options)
@@ -197,10 +307,12 @@ class Registry:
         return list(self.metrics.values())
 
     def load_model(self, model: str | None = None, pretrained: str | None = None, **kwargs: Any):
-        """``mmsec.model.load_model`` through the registered model sources (``-m``)."""
+        """``mmsec.model.load_model`` through the registered model sources (``-m``); a saved
+        input-transform defense is rebuilt with its registered defense plugin."""
         from .model import load_model
 
-        return load_model(model, pretrained, sources=self.models, **kwargs)
+        return load_model(model, pretrained, sources=self.models, defenses=self.defense,
+                          **kwargs)
 
     def load_dataset(self, spec: str | None, **kwargs: Any):
         """``mmsec.data.load_dataset`` through the registered data sources (``-d``)."""
@@ -216,13 +328,25 @@ def _dist_note(info: PluginInfo) -> str:
 
 
 def _check_plugin_class(cls: Any, kind: str) -> None:
+    """An attack or defense class: the right base class, and option defaults that pass its
+    own validation (a default of the wrong type is the plugin's bug, found at load)."""
+    from pydantic import ValidationError
+
     from .attacks import Attack
     from .defenses import Defense
+    from .options import format_validation_error
 
     base = Attack if kind == "attacks" else Defense
     if not (isinstance(cls, type) and issubclass(cls, base)):
         raise TypeError(f"{kind[:-1]} {getattr(cls, 'name', cls)!r} must subclass "
                         f"mmsec.{base.__name__}")
+    try:
+        cls.Options()
+    except ValidationError as err:
+        bad = [e for e in err.errors() if e["type"] != "missing"]
+        if bad:
+            text = format_validation_error(err, f"{kind[:-1]} {cls.name!r}: invalid default")
+            raise TypeError(text) from None
 
 
 def load_plugins(selection: str | None = None) -> Registry:
@@ -239,14 +363,20 @@ def load_plugins(selection: str | None = None) -> Registry:
         selection = os.environ.get("MMSEC_LOAD_PLUGINS")
     wanted = None if selection is None else {s.strip() for s in selection.split(",") if s.strip()}
     seen: set[str] = set()
-    for ep in sorted(entry_points(group=GROUP), key=lambda e: e.name):
+
+    def is_builtin(ep) -> bool:
+        dist = getattr(ep, "dist", None)
+        return dist is not None and normalize_dist(dist.name) == "mmsec"
+
+    # mmsec's own entry points first: no third-party plugin can take their names
+    for ep in sorted(entry_points(group=GROUP), key=lambda e: (not is_builtin(e), e.name)):
         if wanted is not None and ep.name not in wanted:
             continue
         dist = getattr(ep, "dist", None)
         info = PluginInfo(name=ep.name, module=ep.value,
                           distribution=dist.name if dist else None,
                           version=dist.version if dist else None,
-                          builtin=dist is not None and dist.name == "mmsec")
+                          builtin=is_builtin(ep))
         if ep.name in reg.plugins:  # a name clash: never replace what is loaded
             first = reg.plugins[ep.name]
             info.error = (f'plugin name "{ep.name}" is already taken by {first.module}'

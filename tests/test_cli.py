@@ -65,11 +65,9 @@ def test_eval_twice_encodes_nothing_the_second_time(tmp_path, monkeypatch):
 
 def test_a_registered_metric_appears_in_eval_results(tmp_path):
     """A plugin's probe runs in every evaluation, next to the built-in ones."""
-    import types
-
     from mmsec.evaluation import Metric
-    from mmsec.hookspecs import hookimpl
     from mmsec.registry import PluginInfo, get_registry, reset_registry
+    from mmsec.testing import hook_module
 
     seen = []
 
@@ -77,8 +75,7 @@ def test_a_registered_metric_appears_in_eval_results(tmp_path):
         seen.append(view.condition)
         return {"spread": float(view.images.std(0).mean())}
 
-    module = types.ModuleType("toy_metrics")
-    module.register_metrics = hookimpl(lambda register: register(
+    module = hook_module("toy_metrics", register_metrics=lambda register: register(
         Metric("spread", spread, "mean per-dimension std of the embeddings")))
     reg = get_registry()
     try:

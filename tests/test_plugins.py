@@ -29,7 +29,6 @@ from mmsec.data import DatasetSource
 from mmsec.defenses import Defense
 from mmsec.errors import PluginError, UsageError
 from mmsec.evaluation import Metric
-from mmsec.hookspecs import hookimpl
 from mmsec.model import ModelSource
 from mmsec.registry import (
     GROUP,
@@ -39,6 +38,7 @@ from mmsec.registry import (
     load_plugins,
     reset_registry,
 )
+from mmsec.testing import hook_module
 
 HOOKS = sorted(name for name, obj in vars(hookspecs).items()
                if callable(obj) and hasattr(obj, "mmsec_spec"))
@@ -72,10 +72,7 @@ class NotAnAttack:
 
 def plugin(name: str, **hooks) -> types.ModuleType:
     """A plugin module whose attributes are the given hook implementations."""
-    module = types.ModuleType(name)
-    for hook_name, fn in hooks.items():
-        setattr(module, hook_name, hookimpl(fn))
-    return module
+    return hook_module(name, **hooks)
 
 
 def registry_of(*plugins: types.ModuleType) -> Registry:
@@ -119,7 +116,10 @@ class FakeSite:
 
     def module(self, name: str, source: str) -> str:
         name = PREFIX + name
-        (self.root / f"{name}.py").write_text(textwrap.dedent(source))
+        source = textwrap.dedent(source)
+        if "mmsec_api_version" not in source:  # a plugin for this mmsec unless a test says not
+            source = "mmsec_api_version = 2\n" + source
+        (self.root / f"{name}.py").write_text(source)
         self.modules.append(name)
         importlib.invalidate_caches()
         return name
@@ -406,23 +406,24 @@ def test_raising_hook_is_named_and_others_keep_working(caplog):
             plugin("calm", register_attacks=registers(DummyAttack),
                    register_defenses=registers(DummyDefense)),
         )
-    assert reg.plugins["angry"].error == "register_attacks raised ValueError: missing weights file"
+    assert reg.plugins["angry"].error == ("register_attacks raised ValueError: missing weights "
+                                          "file; nothing of this plugin is registered")
     assert 'Error in plugin "angry"' in caplog.text and "missing weights file" in caplog.text
     assert reg.attack("dummy-attack") is DummyAttack and reg.defense("dummy-defense") is DummyDefense
     assert [p.name for p in reg.failures()] == ["angry"]
 
 
-def test_name_clash_keeps_the_first_and_warns(caplog):
+def test_two_third_party_plugins_with_one_name_leave_it_ambiguous(caplog):
+    """Neither wins silently: the bare name is an error that lists both qualified names."""
     with caplog.at_level(logging.WARNING, logger="mmsec.plugins"):
         reg = registry_of(plugin("first", register_attacks=registers(DummyAttack)),
                           plugin("second", register_attacks=registers(OtherDummyAttack)))
-    assert reg.attack("dummy-attack") is DummyAttack
-    assert reg.owner[("attacks", "dummy-attack")] == "first"
-    assert reg.plugins["second"].items.get("attacks", []) == []
-    assert reg.plugins["second"].error is None  # a clash is a warning, not a failure
-    warning = [r.getMessage() for r in caplog.records if "already registered" in r.getMessage()]
-    assert len(warning) == 1
-    assert '"second"' in warning[0] and '"first"' in warning[0] and '"dummy-attack"' in warning[0]
+    with pytest.raises(UsageError, match="first:dummy-attack or -p second:dummy-attack"):
+        reg.attack("dummy-attack")
+    assert reg.attack("first:dummy-attack") is DummyAttack
+    assert reg.attack("second:dummy-attack") is OtherDummyAttack
+    assert reg.plugins["second"].error is None and reg.plugins["second"].refused
+    assert any("first" in r.getMessage() and "second" in r.getMessage() for r in caplog.records)
 
 
 def test_attack_that_does_not_subclass_attack_is_an_error_of_its_plugin():
@@ -445,7 +446,7 @@ def test_item_without_a_name_is_an_error_of_its_plugin():
         pass  # name = "" inherited
 
     reg = registry_of(plugin("nameless", register_attacks=registers(Nameless)))
-    assert "registered without a string `name`" in reg.plugins["nameless"].error
+    assert "registered without a valid `name`" in reg.plugins["nameless"].error
     assert reg.attacks == {}
 
 
@@ -650,6 +651,59 @@ def test_cli_debug_lets_the_exception_propagate(cli_registry, tmp_path, monkeypa
 
 
 # --------------------------------------------------------------------------- name clashes
+IMPOSTOR = """
+    from mmsec import Attack, hookimpl
+
+    class FakePGD(Attack):
+        name = "pgd"
+        description = "not the real pgd"
+
+    @hookimpl
+    def register_attacks(register):
+        register(FakePGD)
+"""
+
+
+@pytest.mark.parametrize("ep_name", ["aaa-first", "zzz-last"])
+def test_a_third_party_plugin_cannot_take_a_builtin_name(site, ep_name, caplog):
+    """Whatever the entry-point order, `pgd` stays mmsec's; the impostor is refused the name,
+    named with both distributions, and reachable only as DIST:pgd."""
+    from mmsec_plugins.pgd import PGD
+
+    site.dist("evil-attacks", "6.6.6", {ep_name: site.module("evil", IMPOSTOR)})
+    with caplog.at_level(logging.WARNING, logger="mmsec.plugins"):
+        reg = load_plugins()
+    assert reg.attack("pgd") is PGD and reg.attack("mmsec:pgd") is PGD
+    impostor = reg.attack("evil-attacks:pgd")
+    assert impostor is not PGD and impostor.description == "not the real pgd"
+    refused = reg.plugins[ep_name].refused
+    assert refused and "mmsec" in refused[0] and "evil-attacks:pgd" in refused[0]
+    assert any("refused" in r.getMessage() and "evil-attacks" in r.getMessage()
+               for r in caplog.records)
+    assert reg.provenance("attacks", PGD)["distribution"] == "mmsec"
+    assert reg.provenance("attacks", impostor)["distribution"] == "evil-attacks"
+    assert reg.provenance("attacks", impostor)["version"] == "6.6.6"
+
+
+def test_results_record_every_plugin_used_with_its_distribution(site, tmp_path):
+    site.dist("evil-attacks", "6.6.6", {"evil": site.module("evil2", IMPOSTOR)})
+    reset_registry(load_plugins())
+    try:
+        r = CliRunner().invoke(main, ["attack", "-p", "pgd", "-o", "steps", "1", "--limit", "20",
+                                      "--knn-bank", "0", "--out", str(tmp_path / "a"), "--json"])
+        assert r.exit_code == 0, r.output
+        used = {(p["kind"], p["qualified"]): p for p in json.loads(r.stdout)["plugins"]}
+        assert used["attack", "mmsec:pgd"]["distribution"] == "mmsec"
+        assert ("dataset", "mmsec:procedural") in used and ("model", "mmsec:zoo") in used
+        assert ("metric", "mmsec:zero_shot") in used
+        r = CliRunner().invoke(main, ["attack", "-p", "evil-attacks:pgd", "--limit", "20",
+                                      "--knn-bank", "0", "--out", str(tmp_path / "b"), "--json"])
+        assert r.exit_code != 0  # the impostor has no fit: it fails, named, never as pgd
+        assert "evil-attacks" in r.output and "fit" in r.output
+    finally:
+        reset_registry(None)
+
+
 def test_entry_point_named_like_the_host_does_not_disable_builtins(site):
     site.dist("evil", "1.0", {"mmsec": site.module("evil", GOOD_PLUGIN)})
     reg = load_plugins(selection="mmsec")

@@ -8,4 +8,6 @@ from .datasets import register_datasets
 from .metrics import register_metrics
 from .models import register_models
 
+mmsec_api_version = 2
+
 __all__ = ["register_datasets", "register_metrics", "register_models"]

@@ -14,6 +14,7 @@ from mmsec import hookimpl
 from .attack import AdvCLIP
 
 __version__ = "0.2.0"
+mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 __all__ = ["AdvCLIP", "register_attacks"]
 
 

@@ -53,6 +53,7 @@ from .sig import Sig
 from .wanet import WaNet
 
 __version__ = "0.2.0"
+mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig, WaNet)}
 

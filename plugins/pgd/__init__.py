@@ -21,6 +21,7 @@ from pydantic import Field
 from mmsec import Artifact, Attack, MmsecError, Options, fields, hookimpl, pgd
 
 __version__ = "0.2.0"
+mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 
 class PGD(Attack):

@@ -38,6 +38,7 @@ from mmsec import (
 )
 
 __version__ = "0.2.0"
+mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 
 class UAP(Attack):

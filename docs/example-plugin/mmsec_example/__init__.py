@@ -13,6 +13,7 @@ from mmsec import hookimpl
 from .patch import NoisePatch
 
 __version__ = "0.1.0"
+mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 __all__ = ["NoisePatch", "register_attacks", "register_commands"]
 
 

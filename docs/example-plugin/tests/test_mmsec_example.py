@@ -1,9 +1,9 @@
 """Smoke tests of mmsec-example-plugin, the way a plugin author writes them.
 
-The plugin is registered by a fixture into a fresh registry (mmsec's built-ins
-plus this plugin only: installed third-party plugins are never auto-loaded in
-tests) and unregistered in ``finally``. Runs on the CPU with the embedded zoo
-model and a few hundred procedural images, in seconds.
+mmsec's testing fixtures (``mmsec.testing``, loaded in conftest.py) give a registry with
+mmsec's built-ins plus this plugin only (installed third-party plugins are never
+auto-loaded), the embedded zoo model, a few hundred procedural images and a run context.
+Runs on the CPU in seconds.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import click
 import pytest
 import torch
 from click.testing import CliRunner
-from mmsec import Artifact, RunContext, UsageError, default_plugins, load_dataset, load_model
-from mmsec.registry import PluginInfo, Registry, reset_registry
-from mmsec.runs import Run
+from mmsec import Artifact, UsageError
 
 import mmsec_example
 from mmsec_example import NoisePatch
@@ -23,41 +21,24 @@ from mmsec_example.patch import patch_side
 FAST = {"steps": 3, "batch_size": 16}
 
 
-@pytest.fixture(autouse=True)
-def _quiet(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
-    monkeypatch.setenv("MMSEC_PROGRESS", "0")
-    monkeypatch.setenv("MMSEC_CACHE_DIR", str(tmp_path / "cache"))
+@pytest.fixture
+def registry(mmsec_registry):
+    return mmsec_registry(mmsec_example)
 
 
 @pytest.fixture
-def registry():
-    """mmsec's built-ins plus this plugin, installed as the process-wide registry."""
-    reg = Registry()
-    reg.add_plugin(default_plugins, PluginInfo(name="mmsec", module="mmsec.default_plugins",
-                                               distribution="mmsec", builtin=True))
-    reg.add_plugin(mmsec_example, PluginInfo(name="example", module="mmsec_example"))
-    reg.collect()
-    reset_registry(reg)
-    try:
-        yield reg
-    finally:
-        reset_registry(None)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model(device="cpu")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_dataset("procedural", split="train", n=256)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture
-def run(tmp_path):
-    with Run.create(tmp_path / "run", "attack", NoisePatch.name, quiet=True) as folder:
-        yield RunContext(folder, device=torch.device("cpu"), seed=0)
+def data(tiny_data):
+    return tiny_data
+
+
+@pytest.fixture
+def run(run_context):
+    return run_context
 
 
 def test_registers_attack_and_command(registry):
