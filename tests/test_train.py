@@ -145,6 +145,38 @@ def test_a_generator_without_length_is_an_error_not_a_guess():
     assert sorted(torch.cat(shards).tolist()) == list(range(10))  # disjoint shards
 
 
+def test_a_diverging_loss_stops_with_a_clear_error_before_the_weights_are_touched():
+    model = nn.Linear(2, 1)
+    w0 = model.weight.detach().clone()
+
+    def step(x, ctx):
+        return model(x).sum() * (float("nan") if ctx.step == 1 else 1.0)
+
+    from mmsec.errors import MmsecError
+
+    with pytest.raises(MmsecError, match="is nan at step 2: training diverged"):
+        train(step, Batches(lambda e: [torch.ones(1, 2)] * 3, 3), Optim(model, lr=0.1), epochs=1)
+    assert torch.isfinite(model.weight).all() and not torch.equal(model.weight, w0)
+
+
+def test_a_step_without_a_loss_for_an_optimiser_is_an_error_not_a_silent_no_op():
+    from mmsec.errors import MmsecError
+
+    model = nn.Linear(2, 1)
+    w0 = model.weight.detach().clone()
+    one = Batches(lambda e: [torch.ones(1, 2)] * 2, 2)
+    out = train(lambda x, ctx: {"gen": model(x).sum()}, one, {"gen": Optim(model, lr=0.1)},
+                epochs=1)  # one optimiser may take its own name as the key
+    assert out.steps == 2 and not torch.equal(model.weight, w0)
+    with pytest.raises(MmsecError, match="returned no loss .*keys: image"):
+        train(lambda x, ctx: {"image": model(x).sum()}, one, {"gen": Optim(model, lr=0.1)},
+              epochs=1)
+    other = nn.Linear(2, 1)
+    with pytest.raises(MmsecError, match="no loss for optimiser.*b in a whole epoch"):
+        train(lambda x, ctx: {"a": model(x).sum()}, one,
+              {"a": Optim(model, lr=0.1), "b": Optim(other, lr=0.1)}, epochs=1)
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     with Run.create(tmp_path / "full", "test", "lin", quiet=True) as run:
         full, _ = _fit(run, epochs=4)

@@ -87,6 +87,7 @@ class _Loop:
         self.scaler = torch.amp.GradScaler(device.type, enabled=(
             self.amp_dtype is torch.float16 and device.type == "cuda"))
         self.pending: set[str] = set()
+        self.gstep = 0
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -94,6 +95,7 @@ class _Loop:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def set_lr(self, step: int) -> None:
+        self.gstep = step
         for name, spec in self.specs.items():
             factor = lr_factor(step, self.total, spec.warmup_steps, spec.schedule)
             for group, base in zip(self.opts[name].param_groups, self.base_lr[name], strict=True):
@@ -105,6 +107,12 @@ class _Loop:
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise MmsecError(f"the loss of optimiser {name!r} does not depend on its "
                              "parameters (no gradient)")
+        if not self.scaler.is_enabled() and not bool(torch.isfinite(loss.detach()).all()):
+            # (fp16 with a grad scaler skips such steps itself)
+            raise MmsecError(f"the loss of optimiser {name!r} is {float(loss.detach()):g} at "
+                             f"step {self.gstep + 1}: training diverged (lower the learning "
+                             "rate, set grad_clip, or check the data); the last checkpoint "
+                             "is kept")
         scaled = self.scaler.scale(loss.float() / self.accumulate)
         with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
             scaled.backward(inputs=self.params[name])
@@ -219,7 +227,10 @@ def train(
 
     Args:
         step: ``step(batch, ctx) -> {"loss": tensor, ...}`` (or a loss tensor); with several
-            optimisers the keys are their names.
+            optimisers the keys are their names (one optimiser takes ``"loss"`` or its name),
+            or the step calls ``ctx.update(name, loss)`` itself. A step that gives no loss
+            for the only optimiser, or an optimiser that got no loss in a whole epoch, is
+            an error: nothing trains silently.
         batches: a :class:`BatchSource` (a bare ``fn(epoch)`` must return a sized iterable).
         optimizers: one :class:`Optim`, or ``{name: Optim}``.
         steps: optimiser steps in all (default ``epochs`` x batches per epoch / accumulate).
@@ -254,6 +265,7 @@ def train(
     loop = _Loop(specs, total, accumulate, precision, torch.device(device))
     desc = desc or slot
     single = len(specs) == 1
+    fed: set[str] = set()  # optimisers that got a loss at least once
     ctx = StepContext(loop)
     result = TrainResult()
     start_epoch, start_batch, gstep = 0, 0, 0
@@ -329,10 +341,16 @@ def train(
                     out = {"loss": out}
                 logs: dict[str, float] = {}
                 for name in specs:
-                    key = "loss" if single else name
+                    key = "loss" if single and "loss" in out else name
                     loss = out.get(key)
                     if name not in ctx.updated and loss is not None:
                         loop.update(name, loss)
+                    if name in ctx.updated or loss is not None:
+                        fed.add(name)
+                    elif single:
+                        raise MmsecError(f"{desc}: the training step returned no loss (keys: "
+                                         f"{', '.join(map(str, out)) or 'none'}); return "
+                                         f"'loss' or '{name}'")
                 for key, value in out.items():
                     number = _number(value)
                     if number is not None:
@@ -353,6 +371,10 @@ def train(
                     it.set_postfix(loss=f"{sums['loss'] / count:.4f}")
                 if save and isinstance(checkpoint_every, int) and gstep % checkpoint_every == 0:
                     checkpoint(epoch, position)
+            starved = [n for n in specs if n not in fed]
+            if starved and count:
+                raise MmsecError(f"{desc}: no loss for optimiser(s) {', '.join(starved)} in a "
+                                 "whole epoch: return them by name or call ctx.update")
             means = {k: v / max(1, count) for k, v in sums.items()}
             means["epoch"] = epoch
             if on_epoch_end is not None:
