@@ -168,6 +168,7 @@ def test_a_step_without_a_loss_for_an_optimiser_is_an_error_not_a_silent_no_op()
     out = train(lambda x, ctx: {"gen": model(x).sum()}, one, {"gen": Optim(model, lr=0.1)},
                 epochs=1)  # one optimiser may take its own name as the key
     assert out.steps == 2 and not torch.equal(model.weight, w0)
+    assert "loss_gen" in out.history[0]  # logged as with several optimisers
     with pytest.raises(MmsecError, match="returned no loss .*keys: image"):
         train(lambda x, ctx: {"image": model(x).sum()}, one, {"gen": Optim(model, lr=0.1)},
               epochs=1)

@@ -354,7 +354,7 @@ def train(
                 for key, value in out.items():
                     number = _number(value)
                     if number is not None:
-                        logs[key if single or key not in specs else f"loss_{key}"] = number
+                        logs[f"loss_{key}" if key in specs and key != "loss" else key] = number
                 position += 1
                 loop.micro += 1
                 if loop.micro < accumulate:
