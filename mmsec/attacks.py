@@ -159,6 +159,12 @@ class Attack(Plugin):
         """Perturbed captions (attacks that list ``"text"`` in ``perturbs``)."""
         return list(texts)
 
+    def sides(self, artifact: Artifact) -> tuple[str, ...]:
+        """What this artifact perturbs (default: ``perturbs``); an attack whose artifacts
+        may leave out a side (C-PGC fitted without captions) narrows it here, so the
+        evaluation does not report an untouched side as attacked."""
+        return tuple(self.perturbs)
+
     def control(self, artifact: Artifact, seed: int = 0) -> Artifact | None:
         """A random artifact of the same budget (e.g. a noise patch), to compare against.
 

@@ -136,7 +136,7 @@ class Evaluation:
         clean = self.clean()
         if self.task.target is None:
             self.task.target = resolve_target(artifact, self.data)
-        sides = set(attack.perturbs)
+        sides = set(attack.sides(artifact))
         images = texts = None
         if "image" in sides:
             images = self.attacked_images(attack, artifact, run=run, desc=condition)
