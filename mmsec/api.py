@@ -181,15 +181,22 @@ def _measure(ev: Evaluation, ctx: RunContext, attack: Attack | None = None,
 
 # --------------------------------------------------------------------------- eval
 def eval(settings: Settings | None = None, *, attack_artifact: str | None = None,
-         trigger: str | None = None, knn_bank: int = 2000) -> dict:
+         trigger: str | None = None, knn_bank: int = 2000, robust: str | None = None,
+         options: Mapping[str, Any] | None = None) -> dict:
     """Clean metrics of a model on a dataset; with ``attack_artifact``, its effect too.
 
     ``trigger`` is a targeted artifact (a backdoor's trigger spec): it is applied with its
     plugin and ``asr`` is reported next to clean top-1 (CA), always with the real trigger.
+    ``robust`` names a per-image attack (``pgd``, ``apgd``, ``autoattack``) run with
+    ``options`` against the model itself: ``robust_top1`` is the robust accuracy.
     """
-    if attack_artifact and trigger:
-        raise UsageError("give either --attack-artifact or --trigger, not both")
+    if sum(bool(a) for a in (attack_artifact, trigger, robust)) > 1:
+        raise UsageError("give one of --attack-artifact, --trigger and --robust")
+    if options and not robust:
+        raise UsageError("-o options go with --robust (the attack they configure)")
     s = settings or Settings()
+    if robust:
+        return _robust_eval(s, robust, options or {}, knn_bank)
     started = time.perf_counter()
     loaded = load_artifact(trigger or attack_artifact, trigger=bool(trigger)) \
         if (attack_artifact or trigger) else None
@@ -209,6 +216,30 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
                 ctx.set("plugin", artifact.plugin)
                 ctx.record_plugin("attacks", type(atk))
                 rows = _measure(ev, ctx, atk, artifact)
+        return _finish(ctx, rows, started)
+
+
+def _robust_eval(s: Settings, name: str, options: Mapping[str, Any], knn_bank: int) -> dict:
+    started = time.perf_counter()
+    reg = get_registry()
+    cls = reg.attack(name)
+    if cls.universal:
+        raise UsageError(f"--robust takes a per-image attack (pgd, apgd, autoattack), not "
+                         f"the universal {name!r}")
+    atk = cls(options)
+    ctx, model = _open("eval", None, s)
+    with ctx.run:
+        ctx.record_plugin("attacks", cls)
+        ctx.set("robust", name)
+        ctx.set("options", atk.options_dict())
+        ctx.run.fields["config"].update(robust=name, options=atk.options_dict())
+        ds = _data(ctx, s, limit=s.limit)
+        ev = Evaluation(model, ds, ctx.cache, metrics=reg.metric_list(),
+                        bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
+        with ctx.timer("evaluate"), _culprit(reg, atk, "apply"):
+            artifact = atk.run_fit(model, ds, ctx).artifact
+            rows = ev.measure([ev.clean(), *ev.attacked(atk, artifact, condition="robust",
+                                                        run=ctx)])
         return _finish(ctx, rows, started)
 
 
@@ -311,9 +342,10 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     reg = get_registry()
     steps = list(recipe.resolved_steps())
     for st in steps:  # validate everything before running anything
-        if st.kind in ("attack", "defend"):
-            cls = reg.attack(st.plugin) if st.kind == "attack" else reg.defense(st.plugin)
-            validate_options(cls.Options, st.options, owner=f'{st.label}: plugin "{st.plugin}"')
+        if st.kind in ("attack", "defend") or st.robust:
+            name = st.robust or st.plugin
+            cls = reg.defense(name) if st.kind == "defend" else reg.attack(name)
+            validate_options(cls.Options, st.options, owner=f'{st.label}: plugin "{name}"')
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     root = Path(out) if out else DEFAULT_ROOT / f"{stamp}-recipe-{recipe.name or Path(path).stem}"
     root.mkdir(parents=True, exist_ok=True)
@@ -340,7 +372,8 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
                 res = defend(st.plugin, s, options=st.options, trigger=trig,
                              attack_artifact=art, clean_items=st.clean_items)
             else:
-                res = eval(s, attack_artifact=art, trigger=trig, knn_bank=st.knn_bank)
+                res = eval(s, attack_artifact=art, trigger=trig, knn_bank=st.knn_bank,
+                           robust=st.robust, options=st.options or None)
         except (KeyboardInterrupt, Exception) as exc:  # the summary still gets written
             failure = (st, exc)
             if (root / st.id / "results.json").is_file():

@@ -160,13 +160,19 @@ def main() -> None:
               help="a backdoor trigger spec: report clean accuracy (CA) and ASR with it")
 @click.option("--knn-bank", type=int, default=2000, show_default=True,
               help="train items used as the kNN bank (0: no kNN metrics)")
+@click.option("--robust", default=None, metavar="ATTACK",
+              help="robust accuracy under a per-image attack: pgd, apgd, autoattack "
+                   "(its options with -o, e.g. -o eps 4/255)")
+@option_pairs
 @handle_errors
-def eval_cmd(attack_artifact, trigger, knn_bank, as_json, **kw):
+def eval_cmd(attack_artifact, trigger, knn_bank, robust, options, as_json, **kw):
     """Measure a model on a dataset (zero-shot, kNN, retrieval); optionally under an attack."""
     from . import api
+    from .options import parse_cli_pairs
 
     _print_results(api.eval(_settings(kw), attack_artifact=attack_artifact, trigger=trigger,
-                            knn_bank=knn_bank), as_json)
+                            knn_bank=knn_bank, robust=robust,
+                            options=parse_cli_pairs(options)), as_json)
 
 
 @main.command("attack")
@@ -274,7 +280,7 @@ def plugin_new(name, kind, directory):
     from .scaffold import new_plugin
 
     root = new_plugin(name, kind, directory)
-    click.echo(f"wrote {root}/ (a {kind} plugin {name!r}). Next:\n"
+    click.echo(f"wrote {root}/ ({kind} plugin {name!r}). Next:\n"
                f"  pip install -e {root}[test] && pytest {root}\n"
                f"  mmsec plugins   # lists {name}")
 

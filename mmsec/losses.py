@@ -22,13 +22,19 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "HardPairWeights",
     "clip_loss",
     "decoupled_contrastive_loss",
+    "distillation_kl",
     "embedding_l2",
+    "fare_loss",
     "focal_info_nce",
+    "in_modal_loss",
     "info_nce",
+    "pmg_aft_loss",
     "ssim",
     "symmetric",
+    "zero_shot_ce",
 ]
 
 
@@ -221,10 +227,11 @@ def info_nce(
 def focal_info_nce(
     query: Tensor,
     keys: Tensor,
-    tau: float = 0.1,
+    tau: float = 0.05,
     margin: float = 0.3,
     positive_index: Tensor | None = None,
     symmetric: bool = False,
+    guard: bool = True,
 ) -> Tensor:
     """Focal-InfoNCE (Hou & Li, 2023, "Improving contrastive learning of sentence embeddings
     with focal-InfoNCE").
@@ -238,8 +245,13 @@ def focal_info_nce(
     easy negatives (small or negative ``s_n``, where ``s_n + m`` is small) get a logit close to
     0 relative to the hard ones, i.e. they are down-weighted, focusing the gradient on hard
     examples. Squaring the positive similarity likewise gives low-confidence positives
-    (small ``s_p``) a relatively lower logit and hence a larger loss. Note that ``s_p^2`` is
-    even in ``s_p``, as in the paper.
+    (small ``s_p``) a relatively lower logit and hence a larger loss.
+
+    The guard: ``s_p^2`` is even in ``s_p``, so with the paper's formula a positive pair with
+    a *negative* similarity lowers its loss by growing more negative. With ``guard`` (the
+    default) the positive logit is ``s_p * |s_p| / tau``: the same for ``s_p >= 0``,
+    increasing in ``s_p`` everywhere; ``guard=False`` is the paper's formula. Defaults are
+    the paper's: ``tau = 0.05``, ``m = 0.3``.
 
     Args:
         query: ``[B, D]`` (normalised here).
@@ -248,6 +260,7 @@ def focal_info_nce(
         margin: the margin ``m`` added to negative similarities.
         positive_index: optional ``[B]`` positive key index per query; default diagonal.
         symmetric: also compute keys->query and average (needs ``K == B``).
+        guard: sign-preserving square of the positive similarity (see above).
 
     Returns:
         0-d loss tensor (nats).
@@ -257,7 +270,8 @@ def focal_info_nce(
         sims = _cosine(q, k)
         target = _targets(pos, q.shape[0], k.shape[0], sims.device)
         is_pos = F.one_hot(target, k.shape[0]).bool()
-        logits = torch.where(is_pos, sims * sims, (sims + margin) * sims) / tau
+        positive = sims * sims.abs() if guard else sims * sims
+        logits = torch.where(is_pos, positive, (sims + margin) * sims) / tau
         return F.cross_entropy(logits, target)
 
     return _maybe_symmetric(one_way, query, keys, positive_index, symmetric)
@@ -269,12 +283,18 @@ def decoupled_contrastive_loss(
     tau: float = 0.1,
     positive_index: Tensor | None = None,
     symmetric: bool = False,
+    weighted: bool = False,
+    sigma: float = 0.5,
 ) -> Tensor:
-    """Decoupled contrastive loss (DCL, Yeh et al., 2022).
+    """Decoupled contrastive loss (DCL, Yeh et al., 2022), and its weighted form DCLW.
 
     InfoNCE with the positive removed from the denominator:
-    ``loss_i = -s_ip / tau + logsumexp_{n != p}(s_in / tau)``, averaged over queries (cosine
-    similarities). Unlike InfoNCE it is not bounded below by 0.
+    ``loss_i = -w_i * s_ip / tau + logsumexp_{n != p}(s_in / tau)``, averaged over queries
+    (cosine similarities), with ``w_i = 1`` (DCL) or, with ``weighted``,
+    ``w_i = 2 - B * softmax_i(s_ip / sigma)`` over the batch (DCLW, von Mises-Fisher
+    weighting: hard positives weigh more; the weights are not back-propagated, as in
+    lightly's reference). Unlike InfoNCE it has no lower bound: use a fixed temperature,
+    not CLIP's learnable scale.
 
     Args:
         query: ``[B, D]`` (normalised here).
@@ -282,6 +302,7 @@ def decoupled_contrastive_loss(
         tau: temperature (``> 0``).
         positive_index: optional ``[B]`` positive key index per query; default diagonal.
         symmetric: also compute keys->query and average (needs ``K == B``).
+        weighted: DCLW's weighting of the positive term; ``sigma``: its temperature.
 
     Returns:
         0-d loss tensor.
@@ -290,10 +311,14 @@ def decoupled_contrastive_loss(
     def one_way(q: Tensor, k: Tensor, pos: Tensor | None) -> Tensor:
         if k.shape[0] < 2:
             raise ValueError("decoupled_contrastive_loss needs at least 2 keys (one negative)")
-        logits = _cosine(q, k) / tau
+        sims = _cosine(q, k)
+        logits = sims / tau
         target = _targets(pos, q.shape[0], k.shape[0], logits.device)
         is_pos = F.one_hot(target, k.shape[0]).bool()
         positive = logits.gather(1, target[:, None]).squeeze(1)
+        if weighted:
+            s_pos = sims.gather(1, target[:, None]).squeeze(1).detach()
+            positive = positive * (2 - q.shape[0] * torch.softmax(s_pos / sigma, dim=0))
         negatives = torch.logsumexp(logits.masked_fill(is_pos, float("-inf")), dim=1)
         return (negatives - positive).mean()
 
@@ -392,3 +417,96 @@ def embedding_l2(a: Tensor, b: Tensor, normalize: bool = False) -> Tensor:
     if normalize:
         a, b = F.normalize(a, dim=-1), F.normalize(b, dim=-1)
     return (a - b).pow(2).sum(dim=-1).mean()
+
+
+# --------------------------------------------------------------------------------------------
+# robust and clean fine-tuning (FARE, TeCoA, PMG-AFT, CleanCLIP)
+# --------------------------------------------------------------------------------------------
+
+
+def fare_loss(adv_emb: Tensor, orig_emb: Tensor) -> Tensor:
+    """FARE (Schlarmann et al., 2024): ``mean_b sum_d (f_theta(x + delta) - f_theta0(x))^2`` on
+    *unnormalised* image embeddings (the frozen original's clean embedding as the target).
+    Also the loss FARE's inner PGD maximises."""
+    return embedding_l2(adv_emb, orig_emb, normalize=False)
+
+
+def zero_shot_ce(image_emb: Tensor, class_emb: Tensor, labels: Tensor, scale: float = 100.0,
+                 reduction: str = "mean") -> Tensor:
+    """TeCoA (Mao et al., 2023): ``CE(scale * cos(f(x), T), y)`` with class text embeddings
+    ``T`` ``[C, D]`` (prompt "This is a photo of a {}"); ``scale`` 100 as CLIP's."""
+    logits = scale * _cosine(image_emb, class_emb)
+    return F.cross_entropy(logits, labels.to(logits.device), reduction=reduction)
+
+
+def pmg_aft_loss(adv_logits: Tensor, clean_logits: Tensor, orig_adv_logits: Tensor,
+                 labels: Tensor, w_orig: float = 1.0, w_clean: float = 1.0,
+                 kl_reduction: str = "batchmean") -> dict[str, Tensor]:
+    """PMG-AFT (Wang et al., CVPR 2024): ``CE(z_theta(x_adv), y) + w_orig * KL(p_theta0(x_adv) ||
+    p_theta(x_adv)) + w_clean * KL(p_theta(x) || p_theta(x_adv))``.
+
+    The official code sums the KL terms over the batch (``reduction='sum'``), so they weigh
+    about batch-size times the mean CE; here the reduction is ``batchmean`` by default (each
+    term a mean per sample, weighted by ``w_*``; ``kl_reduction="sum"`` is the official
+    weighting). Returns the terms and their ``total``.
+    """
+    log_adv = adv_logits.log_softmax(-1)
+    ce = F.cross_entropy(adv_logits, labels.to(adv_logits.device))
+    # log-space targets: the clean branch is differentiated too, and softmax(100 * cos)
+    # underflows to exact zeros whose xlogy gradient would be NaN
+    kl_orig = F.kl_div(log_adv, orig_adv_logits.detach().log_softmax(-1),
+                       reduction=kl_reduction, log_target=True)
+    kl_clean = F.kl_div(log_adv, clean_logits.log_softmax(-1), reduction=kl_reduction,
+                        log_target=True)
+    total = ce + w_orig * kl_orig + w_clean * kl_clean
+    return {"total": total, "ce": ce, "kl_orig": kl_orig, "kl_clean": kl_clean}
+
+
+def in_modal_loss(emb: Tensor, emb_aug: Tensor, logit_scale: float | Tensor) -> Tensor:
+    """CleanCLIP's in-modal term: each embedding against the augmented views of the batch,
+    ``CE(logit_scale * cos(e_i, e'_j), i)``, one direction (CleanCLIP's code)."""
+    logits = logit_scale * _cosine(emb, emb_aug)
+    return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
+
+def distillation_kl(student_logits: Tensor, teacher_logits: Tensor,
+                    temperature: float = 1.0) -> Tensor:
+    """Distillation from the frozen original (Hinton et al.): ``T^2 * KL(softmax(t / T) ||
+    softmax(s / T))``, mean per sample; the teacher's logits are not back-propagated."""
+    t = temperature
+    return F.kl_div((student_logits / t).log_softmax(-1),
+                    (teacher_logits.detach() / t).log_softmax(-1), reduction="batchmean",
+                    log_target=True) * t * t
+
+
+class HardPairWeights:
+    """Self-paced up-weighting of hard class pairs in adversarial training.
+
+    Classes that are each other's most frequent adversarial prediction are "virtual
+    targets" of each other; their pairs get larger loss weights. This keeps a running
+    (exponential moving average) confusion matrix of adversarial predictions ``C[y, y']``,
+    and weights sample ``i`` by ``1 + beta * C[y_i, y'_i] / max_{y' != y_i} C[y_i, y']``
+    when its adversarial prediction ``y'_i`` is wrong (1 otherwise), normalised to mean 1
+    over the batch. ``beta`` = 0 is plain adversarial training.
+    """
+
+    def __init__(self, num_classes: int, beta: float = 1.0, momentum: float = 0.9) -> None:
+        self.beta, self.momentum = beta, momentum
+        self.confusion = torch.zeros(num_classes, num_classes)
+
+    def update(self, labels: Tensor, adv_pred: Tensor) -> None:
+        counts = torch.zeros_like(self.confusion)
+        counts.index_put_((labels.cpu(), adv_pred.cpu()), torch.ones(len(labels)), accumulate=True)
+        rows = counts.sum(1, keepdim=True).clamp_min(1)
+        seen = counts.sum(1, keepdim=True) > 0
+        fresh = torch.where(seen, counts / rows, self.confusion)
+        self.confusion = self.momentum * self.confusion + (1 - self.momentum) * fresh
+
+    def weights(self, labels: Tensor, adv_pred: Tensor) -> Tensor:
+        c = self.confusion.clone()
+        c.fill_diagonal_(0)
+        peak = c.max(1).values.clamp_min(1e-12)
+        y, p = labels.cpu(), adv_pred.cpu()
+        hard = torch.where(p != y, c[y, p] / peak[y], torch.zeros(len(y)))
+        w = 1 + self.beta * hard
+        return (w / w.mean()).to(labels.device)

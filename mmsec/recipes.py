@@ -82,6 +82,9 @@ class Step(_Strict):
     model_from: str | None = Field(None, description="use the model an earlier step wrote")
     artifact_from: str | None = Field(None, description="apply an earlier attack's artifact")
     trigger_from: str | None = Field(None, description="measure ASR with an earlier trigger")
+    robust: str | None = Field(None, description="eval steps: robust accuracy under this "
+                                                 "per-image attack (pgd, apgd, autoattack), "
+                                                 "configured by options")
 
     @field_validator("options", mode="before")
     @classmethod
@@ -99,8 +102,23 @@ class Step(_Strict):
         if self.kind == "eval" and self.plugin:
             raise PydanticCustomError(
                 "recipe_plugin",
-                "an eval step takes no plugin (use artifact_from/trigger_from)",
+                "an eval step takes no plugin (use artifact_from/trigger_from, or robust)",
                 {"field": ("plugin",)},
+            )
+        if self.robust and self.kind != "eval":
+            raise PydanticCustomError(
+                "recipe_plugin", "robust belongs to eval steps", {"field": ("robust",)})
+        if self.robust and (self.artifact_from or self.trigger_from):
+            raise PydanticCustomError(
+                "recipe_conflict",
+                "give one of robust, artifact_from and trigger_from",
+                {"field": ("robust",)},
+            )
+        if self.kind == "eval" and self.options and not self.robust:
+            raise PydanticCustomError(
+                "recipe_plugin",
+                "options of an eval step configure its robust attack: set robust",
+                {"field": ("options",)},
             )
         if self.artifact_from and self.trigger_from:
             raise PydanticCustomError(
@@ -200,6 +218,7 @@ class Recipe(_Strict):
                 model_from=step.model_from,
                 artifact_from=step.artifact_from,
                 trigger_from=step.trigger_from,
+                robust=step.robust,
                 **settings,
             )
 
@@ -226,6 +245,7 @@ class ResolvedStep:
     model_from: str | None = None
     artifact_from: str | None = None
     trigger_from: str | None = None
+    robust: str | None = None
 
     @property
     def label(self) -> str:

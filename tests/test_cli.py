@@ -168,8 +168,9 @@ def test_shipped_recipes_validate():
     for path in recipes:
         recipe = load_recipe(path)
         for st in recipe.resolved_steps():
-            if st.kind == "attack":
-                validate_options(reg.attack(st.plugin).Options, st.options, owner=st.label)
+            if st.kind == "attack" or st.robust:
+                validate_options(reg.attack(st.robust or st.plugin).Options, st.options,
+                                 owner=st.label)
             elif st.kind == "defend":
                 validate_options(reg.defense(st.plugin).Options, st.options, owner=st.label)
         assert yaml.safe_load(path.read_text())["steps"]

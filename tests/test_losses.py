@@ -239,11 +239,29 @@ def test_focal_info_nce_reduces_to_info_nce_for_binary_similarities() -> None:
 def test_focal_info_nce_matches_reference() -> None:
     q, k = rand(4, 5, seed=17), rand(6, 5, seed=18)
     pos = [5, 1, 1, 0]
-    out = L.focal_info_nce(q, k, tau=0.1, margin=0.3, positive_index=torch.tensor(pos))
+    out = L.focal_info_nce(q, k, tau=0.1, margin=0.3, positive_index=torch.tensor(pos),
+                           guard=False)
     assert out.item() == pytest.approx(ref_focal(q, k, 0.1, 0.3, pos))
-    assert L.focal_info_nce(q, k, tau=0.3, margin=0.1).item() == pytest.approx(
+    assert L.focal_info_nce(q, k, tau=0.3, margin=0.1, guard=False).item() == pytest.approx(
         ref_focal(q, k, 0.3, 0.1, [0, 1, 2, 3])
     )
+
+
+def test_focal_info_nce_guard_on_a_negative_positive_similarity() -> None:
+    """s_p = -0.6, one negative at 0: paper logit s_p^2 = 0.36 rewards a more negative
+    positive; the guard's s_p|s_p| = -0.36 does not."""
+    q = t([[1.0, 0.0]])
+    k = t([[-0.6, 0.8], [0.0, 1.0]])
+    tau, m = 0.05, 0.3
+    guarded = L.focal_info_nce(q, k).item()  # the defaults: tau 0.05, m 0.3, guard on
+    expected = -(-0.36 / tau) + math.log(math.exp(-0.36 / tau) + math.exp(0.0))
+    assert guarded == pytest.approx(expected, rel=1e-5)
+    paper = L.focal_info_nce(q, k, guard=False).item()
+    assert paper == pytest.approx(-(0.36 / tau) + math.log(math.exp(0.36 / tau) + 1), rel=1e-5)
+    worse = t([[-0.8, 0.6], [0.0, 1.0]])  # the positive pair further apart
+    assert L.focal_info_nce(q, worse).item() > guarded  # guarded: a worse pair costs more
+    assert L.focal_info_nce(q, worse, guard=False).item() < paper  # the paper's: it pays off
+    del m
 
 
 # --------------------------------------------------------------------------------------------
@@ -440,3 +458,100 @@ def test_losses_stable_at_small_temperature() -> None:
         L.clip_loss(q, q, 1e4),
     ]
     assert all(torch.isfinite(v) for v in out)
+
+
+# --------------------------------------------------------------------------------------------
+# robust and clean fine-tuning
+# --------------------------------------------------------------------------------------------
+
+
+def test_dclw_weights_the_positive_term_by_hand() -> None:
+    q = t([[1.0, 0.0], [0.0, 1.0]])
+    k = t([[1.0, 0.0], [1.0, 0.0]])  # s_00 = 1, s_11 = 0; negatives s_01 = 0, s_10 = 1
+    tau, sigma = 1.0, 0.5
+    sm = torch.softmax(torch.tensor([1.0, 0.0]) / sigma, 0).tolist()
+    w = [2 - 2 * sm[0], 2 - 2 * sm[1]]
+    expected = ((-w[0] * 1.0 + 0.0) + (-w[1] * 0.0 + 1.0)) / 2
+    out = L.decoupled_contrastive_loss(q, k, tau=tau, weighted=True, sigma=sigma).item()
+    assert out == pytest.approx(expected, rel=1e-6)
+    assert L.decoupled_contrastive_loss(q, k, tau=tau).item() == pytest.approx((-1 + 1) / 2)
+
+
+def test_fare_loss_is_the_squared_distance_of_unnormalised_embeddings() -> None:
+    a, b = t([[3.0, 4.0], [1.0, 1.0]]), t([[0.0, 0.0], [1.0, 2.0]])
+    assert L.fare_loss(a, b).item() == pytest.approx((25 + 1) / 2)
+
+
+def test_zero_shot_ce_by_hand() -> None:
+    img = t([[1.0, 0.0]])
+    classes = t([[1.0, 0.0], [0.0, 2.0]])  # cosines 1 and 0
+    expected = -math.log(math.exp(100) / (math.exp(100) + 1))
+    assert L.zero_shot_ce(img, classes, torch.tensor([0])).item() == pytest.approx(expected,
+                                                                                   abs=1e-6)
+    assert L.zero_shot_ce(img, classes, torch.tensor([1]), scale=1.0).item() == pytest.approx(
+        -math.log(math.exp(0) / (math.exp(1) + 1)), rel=1e-6)
+
+
+def test_pmg_aft_terms_and_kl_direction_by_hand() -> None:
+    adv, clean, orig = t([[0.0, 0.0]]), t([[math.log(3.0), 0.0]]), t([[0.0, math.log(3.0)]])
+    out = L.pmg_aft_loss(adv, clean, orig, torch.tensor([0]))
+    p_adv = [0.5, 0.5]
+    p_orig, p_clean = [0.25, 0.75], [0.75, 0.25]
+
+    def kl(p, q):  # KL(p || q)
+        return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+
+    assert out["ce"].item() == pytest.approx(math.log(2))
+    assert out["kl_orig"].item() == pytest.approx(kl(p_orig, p_adv))  # KL(p_theta0(x_adv)||p(x_adv))
+    assert out["kl_clean"].item() == pytest.approx(kl(p_clean, p_adv))  # KL(p_theta(x)||p(x_adv))
+    assert out["total"].item() == pytest.approx(math.log(2) + 2 * kl(p_orig, p_adv))
+    two = L.pmg_aft_loss(adv.repeat(2, 1), clean.repeat(2, 1), orig.repeat(2, 1),
+                         torch.tensor([0, 0]), kl_reduction="sum")
+    assert two["kl_orig"].item() == pytest.approx(2 * kl(p_orig, p_adv))  # the official sum
+
+
+def test_pmg_aft_gradients_stay_finite_when_probabilities_underflow() -> None:
+    """softmax(100 * cos) has exact zeros; both KL branches are differentiated (the clean
+    one too), so a probability-space target would give NaN gradients (xlogy at 0)."""
+    adv = torch.tensor([[100.0, -100.0, 0.0]], requires_grad=True)
+    clean = torch.tensor([[-100.0, 100.0, -90.0]], requires_grad=True)
+    orig = torch.tensor([[100.0, -100.0, -100.0]])
+    out = L.pmg_aft_loss(adv, clean, orig, torch.tensor([0]))
+    out["total"].backward()
+    assert torch.isfinite(out["total"]) and torch.isfinite(adv.grad).all()
+    assert torch.isfinite(clean.grad).all()
+    s = torch.tensor([[100.0, -100.0]], requires_grad=True)
+    L.distillation_kl(s, torch.tensor([[-100.0, 100.0]])).backward()
+    assert torch.isfinite(s.grad).all()
+
+
+def test_in_modal_loss_by_hand() -> None:
+    e = t([[1.0, 0.0], [0.0, 1.0]])
+    aug = t([[1.0, 0.0], [1.0, 0.0]])
+    # row 0: logits [s, s] -> log 2; row 1: logits [0, 0] -> log 2 (scale s = 2)
+    assert L.in_modal_loss(e, aug, 2.0).item() == pytest.approx(
+        0.5 * (-math.log(math.exp(2) / (2 * math.exp(2))) - math.log(0.5)))
+
+
+def test_distillation_kl_by_hand() -> None:
+    s, teacher = t([[0.0, 0.0]]), t([[math.log(3.0), 0.0]])
+    p, q = [0.75, 0.25], [0.5, 0.5]
+    expected = sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True))
+    assert L.distillation_kl(s, teacher).item() == pytest.approx(expected)
+    assert L.distillation_kl(s, teacher, temperature=2.0).item() == pytest.approx(
+        4 * sum(pi * math.log(pi / 0.5) for pi in torch.softmax(
+            torch.tensor([math.log(3.0) / 2, 0.0]), 0).tolist()))
+
+
+def test_hard_pair_weights_up_weight_the_most_confused_pairs() -> None:
+    hp = L.HardPairWeights(3, beta=1.0, momentum=0.0)
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    adv = torch.tensor([1, 1, 1, 2, 1])  # class 0 goes to 1 three times, to 2 once
+    hp.update(labels, adv)
+    assert hp.confusion[0].tolist() == pytest.approx([0.0, 0.75, 0.25])
+    w = hp.weights(labels, adv)
+    raw = torch.tensor([1 + 1.0, 1 + 1.0, 1 + 1.0, 1 + 0.25 / 0.75, 1.0])  # 1->1 is correct
+    assert torch.allclose(w, raw / raw.mean())
+    assert float(w.mean()) == pytest.approx(1.0)
+    plain = L.HardPairWeights(3, beta=0.0)
+    assert torch.equal(plain.weights(labels, adv), torch.ones(5))

@@ -133,6 +133,19 @@ def test_plugin_required_for_attack_and_forbidden_for_eval(tmp_path: Path) -> No
     assert "key \"steps[0].kind\": expected 'attack', 'defend' or 'eval', got 'train'" in message
 
 
+def test_robust_belongs_to_eval_steps_and_configures_with_options(tmp_path: Path) -> None:
+    ok = _write(tmp_path, "steps: [{id: r, kind: eval, robust: apgd, options: {eps: 2/255}}]\n")
+    (step,) = load_recipe(ok).resolved_steps()
+    assert step.robust == "apgd" and step.options == {"eps": "2/255"}
+    message = _error(tmp_path, "steps: [{id: a, kind: attack, plugin: pgd, robust: pgd}]\n")
+    assert 'key "steps[0].robust": robust belongs to eval steps' in message
+    message = _error(tmp_path, "steps: [{id: a, kind: eval, options: {eps: 1}}]\n")
+    assert "options of an eval step configure its robust attack" in message
+    message = _error(tmp_path, "steps: [{id: a, kind: attack, plugin: pgd}, "
+                               "{id: b, kind: eval, robust: pgd, artifact_from: a}]\n")
+    assert "give one of robust, artifact_from and trigger_from" in message
+
+
 def test_yaml_syntax_error_gives_file_and_line(tmp_path: Path) -> None:
     message = _error(tmp_path, "steps:\n  - id: a\n    kind: [attack\n  - id: b\n")
     path = tmp_path / "recipe.yaml"
