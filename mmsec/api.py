@@ -69,6 +69,10 @@ def _culprit(reg: Registry, plugin: Any, phase: str) -> Iterator[None]:
         raise PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}") from exc
 
 
+#: built-in sources that read image files and take ``image_size``
+_FILE_SOURCES = ("imagefolder", "captions")
+
+
 def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None = None
           ) -> tuple[RunContext, ClipModel]:
     seed_everything(s.seed)
@@ -76,6 +80,10 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
     reg = get_registry()
     # The model loads before the run folder exists: a wrong checkpoint leaves nothing behind.
     model = reg.load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
+    if s.image_size is None and parse_spec(s.data)[0] in _FILE_SOURCES:
+        # Image files load at the model's input size (one antialiased resize, as `zoo train`
+        # trains), not at whatever size the first file happens to have.
+        s.image_size = int(model.image_size)
     run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet)
     run.durations["load_model"] = round(time.perf_counter() - started, 3)
     ctx = RunContext(run, device=model.device, precision=s.precision, seed=s.seed,

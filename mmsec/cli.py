@@ -66,8 +66,8 @@ def common_options(fn):
                      help="dataset NAME[:ARG] or a path (default: procedural); see `mmsec datasets`"),
         click.option("--split", default="test", show_default=True, help="evaluation split"),
         click.option("--image-size", type=click.IntRange(min=8, max=4096), default=None,
-                     help="load file-backed images at N x N pixels (default: the first "
-                          "image's size; the model still resizes to its own input)"),
+                     help="load file-backed images at N x N pixels (default: the model's "
+                          "input size; the model still resizes to its own input)"),
         click.option("--limit", type=int, default=None, help="evaluate on N items only"),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N], mps"),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",

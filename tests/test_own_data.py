@@ -138,7 +138,15 @@ def test_image_size_loads_file_images_at_that_size(tmp_path):
                        "--image-size", "24", "--knn-bank", "0", "--out", tmp_path / "e",
                        "--json"))
     assert "image_size: 24" in (tmp_path / "e" / "config.yaml").read_text()
-    assert res["metrics"]["clean_top1"] >= 0
+    # Without the option, files load at the model's input size (zoo:shapes: 32), the same
+    # images an explicit --image-size 32 gives, not at the first file's 40 px.
+    default = _json(invoke("eval", "-d", f"imagefolder:{folder}", "--split", "train",
+                           "--knn-bank", "0", "--out", tmp_path / "d", "--json"))
+    explicit = _json(invoke("eval", "-d", f"imagefolder:{folder}", "--split", "train",
+                            "--image-size", "32", "--knn-bank", "0", "--json"))
+    assert "image_size: 32" in (tmp_path / "d" / "config.yaml").read_text()
+    assert default["metrics"]["clean_top1"] == explicit["metrics"]["clean_top1"]
+    assert default["images_encoded"] > 0 and explicit["images_encoded"] == 0  # cache hits
 
 
 def test_min_steps_gives_small_data_enough_steps():

@@ -225,6 +225,21 @@ def test_a_plateau_stops_the_loop_and_a_resumed_run_stays_stopped(tmp_path):
     assert again.already_done and again.steps == 12 and again.stopped_early == out.stopped_early
 
 
+def test_a_plateau_never_stops_before_min_steps():
+    from mmsec.training import Plateau
+
+    model = nn.Linear(2, 1)
+    # Flat from the start: without the floor this stops after epoch 3 (6 steps).
+    out = train(lambda x, ctx: model(x).sum(), Batches(lambda e: [torch.ones(1, 2)] * 2, 2),
+                Optim(model, lr=1e-3), epochs=2, min_steps=14,
+                on_epoch_end=lambda e, m: {"score": 0.5}, stop=Plateau("score", patience=2))
+    assert out.planned == 14 and out.steps == 14 and out.stopped_early is None
+    out = train(lambda x, ctx: model(x).sum(), Batches(lambda e: [torch.ones(1, 2)] * 2, 2),
+                Optim(model, lr=1e-3), epochs=20, min_steps=10,
+                on_epoch_end=lambda e, m: {"score": 0.5}, stop=Plateau("score", patience=2))
+    assert out.steps == 10 and out.stopped_early
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     with Run.create(tmp_path / "full", "test", "lin", quiet=True) as run:
         full, _ = _fit(run, epochs=4)

@@ -242,7 +242,8 @@ def train(
         optimizers: one :class:`Optim`, or ``{name: Optim}``.
         steps: optimiser steps in all (default ``epochs`` x batches per epoch / accumulate).
         min_steps: at least this many steps when the plan comes from ``epochs`` (so a small
-            dataset still gets enough updates; extra epochs are added).
+            dataset still gets enough updates; extra epochs are added). ``stop`` never ends
+            the loop before ``min_steps`` steps.
         stop: end early when a per-epoch number plateaus (:class:`Plateau`).
         run: the run context (progress, log, checkpoints, ``--resume``); None runs silently.
         slot: this loop's checkpoint slot (one per stage of a plugin).
@@ -400,7 +401,8 @@ def train(
             if run is not None:
                 run.log.info("%s epoch %d: %s", desc, epoch + 1,
                              ", ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "epoch"))
-            reason = stop.check(result.history) if stop is not None and gstep < total else None
+            reason = (stop.check(result.history)
+                      if stop is not None and min_steps <= gstep < total else None)
             if reason:
                 result.stopped_early = reason
                 if run is not None:

@@ -366,7 +366,8 @@ def train_zoo(
              bs, steps_planned, " (early stop on " + monitored + ")" if stop else "")
     result = run_training(step, Batches(batch_of, per_epoch), optim, steps=steps_planned,
                           run=run, slot=f"zoo-{name}", train_modules=[model.clip],
-                          on_epoch_end=on_epoch_end, stop=stop, desc=f"zoo {name}")
+                          on_epoch_end=on_epoch_end, stop=stop, desc=f"zoo {name}",
+                          min_steps=0 if steps else int(recipe.get("min_steps") or 0))
     spec["train"] = {
         "seed": seed, "epochs": len(result.history), "steps": int(result.steps),
         "steps_planned": steps_planned, "stopped_early": result.stopped_early,
