@@ -56,6 +56,7 @@ _EXPORTS = {
     "BatchSource": "mmsec.training",
     "Batches": "mmsec.training",
     "IndexBatches": "mmsec.training",
+    "Plateau": "mmsec.training",
     "CaptionTable": "mmsec.training",
     "contrastive_loss": "mmsec.training",
     "pgd": "mmsec.training",

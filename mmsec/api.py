@@ -48,6 +48,7 @@ class Settings:
     strict: bool = False
     limit: int | None = None
     quiet: bool = False
+    image_size: int | None = None  # file-backed (and procedural) data: square side in pixels
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -68,6 +69,10 @@ def _culprit(reg: Registry, plugin: Any, phase: str) -> Iterator[None]:
         raise PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}") from exc
 
 
+#: built-in sources that read image files and take ``image_size``
+_FILE_SOURCES = ("imagefolder", "captions")
+
+
 def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None = None
           ) -> tuple[RunContext, ClipModel]:
     seed_everything(s.seed)
@@ -75,6 +80,10 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
     reg = get_registry()
     # The model loads before the run folder exists: a wrong checkpoint leaves nothing behind.
     model = reg.load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
+    if s.image_size is None and parse_spec(s.data)[0] in _FILE_SOURCES:
+        # Image files load at the model's input size (one antialiased resize, as `zoo train`
+        # trains), not at whatever size the first file happens to have.
+        s.image_size = int(model.image_size)
     run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet)
     run.durations["load_model"] = round(time.perf_counter() - started, 3)
     ctx = RunContext(run, device=model.device, precision=s.precision, seed=s.seed,
@@ -90,7 +99,7 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
                        "pretrained": model.pretrained, "data": s.data or "procedural",
                        "split": s.split, "limit": s.limit, "device": str(ctx.device),
                        "precision": s.precision, "seed": s.seed, "strict": s.strict,
-                       **s.extra})
+                       **({"image_size": s.image_size} if s.image_size else {}), **s.extra})
     if model.info.get("source") in reg.models:
         ctx.record_plugin("models", reg.models[model.info["source"]])
     name, _ = parse_spec(s.data)
@@ -107,11 +116,17 @@ def _configure(ctx: RunContext, plugin: Any, kind: str) -> None:
     ctx.record_plugin(kind, type(plugin))
 
 
+def _size(s: Settings) -> dict[str, int]:
+    """``image_size`` for the data source, only when set (third-party sources may not take
+    it)."""
+    return {"image_size": int(s.image_size)} if s.image_size else {}
+
+
 def _data(ctx: RunContext, s: Settings, split: str | None = None,
           limit: int | None = None) -> ImageDataset:
     # ``n`` lets generated sources (procedural) render only what is used; others ignore it.
     ds = ctx.registry.load_dataset(s.data, split=split or s.split, seed=s.seed,
-                                   strict=s.strict, n=limit)
+                                   strict=s.strict, n=limit, **_size(s))
     ds = subset(ds, limit, seed=s.seed)
     if ds.skipped:
         ctx.log.warning("%d corrupt item(s) skipped in %s", ds.skipped, ds.describe())
@@ -128,7 +143,8 @@ def _bank(ctx: RunContext, s: Settings, n: int) -> ImageDataset | None:
     if n <= 0:
         return None
     try:
-        ds = ctx.registry.load_dataset(s.data, split="train", seed=s.seed, strict=s.strict, n=n)
+        ds = ctx.registry.load_dataset(s.data, split="train", seed=s.seed, strict=s.strict, n=n,
+                                       **_size(s))
     except (UsageError, MmsecError):
         return None
     ds = subset(ds, n, seed=s.seed)
@@ -205,6 +221,7 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
     ctx, model = _open("eval", None, s, inputs)
     with ctx.run:  # a failure marks the run failed before re-raising
         ds = _data(ctx, s, limit=s.limit)
+        ctx.vet_texts(model, ds)
         ev = Evaluation(model, ds, ctx.cache, metrics=ctx.registry.metric_list(),
                         bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
         with ctx.timer("evaluate"):
@@ -234,6 +251,7 @@ def _robust_eval(s: Settings, name: str, options: Mapping[str, Any], knn_bank: i
         ctx.set("options", atk.options_dict())
         ctx.run.fields["config"].update(robust=name, options=atk.options_dict())
         ds = _data(ctx, s, limit=s.limit)
+        ctx.vet_texts(model, ds)
         ev = Evaluation(model, ds, ctx.cache, metrics=reg.metric_list(),
                         bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
         with ctx.timer("evaluate"), _culprit(reg, atk, "apply"):
@@ -257,6 +275,7 @@ def attack(plugin: str, settings: Settings | None = None, *,
         _configure(ctx, atk, "attacks")
         train = _data(ctx, s, "train") if cls.universal else _data(ctx, s, limit=s.limit)
         test = _data(ctx, s, limit=s.limit)
+        ctx.vet_texts(model, test)
         with ctx.timer("fit"), _culprit(reg, atk, "fit"):
             result = atk.run_fit(model, train, ctx)
         artifact = result.artifact
@@ -311,6 +330,7 @@ def defend(plugin: str, settings: Settings | None = None, *,
             ctx.record_plugin("attacks", type(given[0]))
         clean = _data(ctx, s, "train", clean_items)
         test = _data(ctx, s, limit=s.limit)
+        ctx.vet_texts(model, test)
         metrics = reg.metric_list()
         before = Evaluation(model, test, ctx.cache, metrics=metrics, label="before",
                             progress=ctx.progress)
@@ -362,7 +382,7 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
             model, pretrained = None, ckpt
         s = Settings(model=model, pretrained=pretrained, data=st.data, split=st.split,
                      device=st.device, precision=st.precision, seed=st.seed, limit=st.limit,
-                     out=root / st.id, quiet=quiet)
+                     out=root / st.id, quiet=quiet, image_size=st.image_size)
         art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
         trig = produced[st.trigger_from].get("attack_artifact") if st.trigger_from else None
         try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import MmsecError
+from .errors import MmsecError, UsageError
 
 log = logging.getLogger("mmsec")
 
@@ -65,6 +65,9 @@ def common_options(fn):
         click.option("-d", "--data", default=None,
                      help="dataset NAME[:ARG] or a path (default: procedural); see `mmsec datasets`"),
         click.option("--split", default="test", show_default=True, help="evaluation split"),
+        click.option("--image-size", type=click.IntRange(min=8, max=4096), default=None,
+                     help="load file-backed images at N x N pixels (default: the model's "
+                          "input size; the model still resizes to its own input)"),
         click.option("--limit", type=int, default=None, help="evaluate on N items only"),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda[:N], mps"),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
@@ -94,7 +97,7 @@ def _settings(kw: dict):
     return Settings(model=kw["model"], pretrained=kw["pretrained"], data=kw["data"],
                     split=kw["split"], device=kw["device"], precision=kw["precision"],
                     seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
-                    limit=kw["limit"], quiet=kw["quiet"])
+                    limit=kw["limit"], quiet=kw["quiet"], image_size=kw.get("image_size"))
 
 
 def _print_results(res: dict, as_json: bool) -> None:
@@ -365,50 +368,113 @@ def zoo_group() -> None:
 
 
 @zoo_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def zoo_list():
-    from .model import read_zoo_spec, zoo_names
+def zoo_list(as_json):
+    """The zoo models: shipped ones, then yours ($MMSEC_ZOO or the user data folder)."""
+    from .model import ZOO_DIR, user_zoo_dirs, zoo_entries
 
-    for name in zoo_names():
-        spec = read_zoo_spec(name)
-        click.echo(f"zoo:{name:<10} {spec.get('dataset', ''):<14} "
-                   f"zero-shot top-1 {spec.get('metrics', {}).get('zero_shot_top1')}  "
-                   f"{spec.get('description', '')}")
+    rows = []
+    for name, path in zoo_entries():
+        spec = json.loads(path.read_text())
+        rows.append({"model": f"zoo:{name}", "dataset": spec.get("dataset"),
+                     "metrics": spec.get("metrics", {}), "shipped": path.parent == ZOO_DIR,
+                     "path": str(path.with_suffix(".safetensors")),
+                     "description": spec.get("description", "")})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        m = r["metrics"]
+        score = (f"zero-shot top-1 {m['zero_shot_top1']}" if "zero_shot_top1" in m else
+                 f"i2t/t2i R@1 {m.get('i2t_r1')}/{m.get('t2i_r1')}")
+        where = "shipped" if r["shipped"] else r["path"]
+        click.echo(f"{r['model']:<16} {str(r['dataset']):<28} {score:<24} {where}")
+    click.echo(f"user zoo: {', '.join(str(d) for d in user_zoo_dirs())} (MMSEC_ZOO)")
+
+
+def _zoo_name_from(data: str | None) -> str:
+    import re
+
+    from .data.sources import parse_spec
+
+    if not data:
+        return "shapes"
+    source, arg = parse_spec(data)
+    if source == "fashion-mnist" and not arg:
+        return "fashion"
+    stem = Path(arg).expanduser().resolve().name if arg else source
+    stem = Path(stem).stem if "." in stem else stem
+    return re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-") or source
 
 
 @zoo_group.command("train")
-@click.option("--name", default=None, help="zoo model name (default: shapes, or fashion with "
-              "--data fashion-mnist)")
-@click.option("-d", "--data", default=None, help="dataset (procedural, fashion-mnist, ...)")
-@click.option("--epochs", type=int, default=None, help="override the recipe's epochs")
+@click.option("--name", default=None, help="model name (default: shapes, fashion for "
+              "fashion-mnist, else the data's folder or file name)")
+@click.option("-d", "--data", default=None,
+              help="any dataset: procedural, fashion-mnist, imagefolder:DIR, captions:FILE, ...")
+@click.option("--image-size", type=int, default=None,
+              help="input size, a multiple of 32 (default: 32 for small images, else 64)")
+@click.option("--vocab", type=click.Choice(["data", "full"]), default="data", show_default=True,
+              help="data: the training texts' words only (small); full: open_clip's BPE "
+                   "(reads any word)")
+@click.option("--epochs", type=int, default=None, help="passes over the data")
+@click.option("--steps", type=int, default=None, help="optimiser steps (overrides --epochs)")
+@click.option("--min-steps", type=int, default=None,
+              help="at least this many steps (default 600 for your data)")
+@click.option("--batch-size", type=int, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--augment", type=click.Choice(["none", "flip", "crop"]), default=None,
+              help="image augmentation (default: crop for your data)")
+@click.option("--early-stop/--no-early-stop", default=None,
+              help="stop when the held-out score plateaus (default: on for your data)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--train-items", type=int, default=None, help="train on N items only")
+@click.option("--test-items", type=int, default=None, help="measure on N held-out items only")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out-dir", type=click.Path(file_okay=False), default=None,
-              help="where to write NAME.json/.safetensors (default: the installed zoo)")
+              help="where to write NAME.json/.safetensors (default: the user zoo folder)")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run folder")
 @click.option("--resume", is_flag=True)
+@click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it")
 @click.option("--json", "as_json", is_flag=True)
 @handle_errors
-def zoo_train(name, data, epochs, seed, train_items, device, out_dir, out, resume, as_json):
-    """Train a zoo model from scratch (the shipped weights come from this command)."""
+def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_size, lr, augment,
+              early_stop, seed, train_items, test_items, device, out_dir, out, resume, strict,
+              as_json):
+    """Train a small CLIP from scratch on any dataset (the shipped zoo models come from
+    this command); the result loads with -m zoo:NAME or --pretrained FILE."""
+    import re
+
     from .model import pick_device
     from .runs import Run
-    from .zoo.train import train_zoo
+    from .zoo.train import train_zoo, zoo_out_dir
 
-    if name is None:
-        name = "fashion" if data and data.startswith("fashion") else "shapes"
+    name = name or _zoo_name_from(data)
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
+        raise UsageError(f"zoo model name {name!r}: use lower-case letters, digits, - and _")
+    zoo_out_dir(name, Path(out_dir) if out_dir else None)  # a shipped name needs --out-dir
     run = Run.create(out, "zoo-train", name, resume=resume)
     with run:
-        spec = train_zoo(name, data=data, epochs=epochs, seed=seed, out_dir=Path(out_dir)
-                         if out_dir else None, run=run, device=str(pick_device(device)),
-                         train_items=train_items)
+        spec = train_zoo(name, data=data, epochs=epochs, steps=steps, min_steps=min_steps,
+                         batch_size=batch_size, lr=lr, image_size=image_size, vocab=vocab,
+                         augment=augment, early_stop=early_stop, seed=seed,
+                         out_dir=Path(out_dir) if out_dir else None, run=run,
+                         device=str(pick_device(device)), train_items=train_items,
+                         test_items=test_items, strict=strict)
         run.set("model", f"zoo:{name}")
         run.set("dataset", spec["dataset"])
         run.set("seed", seed)
-        res = run.finish({"clean_top1": spec["metrics"]["zero_shot_top1"],
-                          "train_seconds": spec["train"]["seconds"]})
+        run.set("model_checkpoint", spec["path"])
+        run.set("train", {k: v for k, v in spec["train"].items() if k != "history"})
+        m = spec["metrics"]
+        score = {"clean_top1": m["zero_shot_top1"]} if "zero_shot_top1" in m else \
+            {k: m[k] for k in ("i2t_r1", "t2i_r1") if k in m}
+        res = run.finish({**score, "train_seconds": spec["train"]["seconds"],
+                          "train_steps": float(spec["train"]["steps"])})
     _print_results(res, as_json)
+    if not as_json:
+        click.echo(f"model: -m zoo:{name}  or  --pretrained {spec['path']}")
 
 
 @main.command("report")

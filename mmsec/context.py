@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import EmbeddingCache
+from .errors import MmsecError
 from .runs import Run
 from .training.batches import stream_seed
 
@@ -133,6 +134,47 @@ class RunContext:
 
     def get(self, key: str, default: Any = None) -> Any:
         return self.run.get(self._name(key).replace("/", "."), default)
+
+    # ------------------------------------------------------------------ texts
+    def vet_texts(self, model, data) -> list[str]:
+        """Check that ``model``'s tokenizer reads ``data``'s zero-shot prompts and captions.
+
+        Words read as the unknown token, texts cut at the context length, or classes whose
+        prompts tokenize identically make the zero-shot (or retrieval) figures meaningless:
+        each problem is a warning naming the words, recorded in results.json
+        (``text_coverage``, and ``unreliable``: task -> reason), and an error under
+        ``--strict``. Returns the messages (empty when all is read).
+        """
+        from .coverage import prompt_coverage, text_coverage
+        from .evaluation.embed import caption_table
+
+        checks = []
+        if data.classnames:
+            checks.append(("zero_shot", prompt_coverage(model.tokenizer, data.classnames,
+                                                        data.templates)))
+        if data.has_captions:
+            checks.append(("retrieval", text_coverage(model.tokenizer, caption_table(data)[0],
+                                                      "captions")))
+        messages = []
+        coverage = dict(self.get("text_coverage") or {})
+        unreliable = dict(self.get("unreliable") or {})
+        for task, cov in checks:
+            coverage[task] = cov.to_dict()
+            if cov.ok:
+                continue
+            msg = cov.message()
+            messages.append(msg)
+            unreliable[task] = msg
+        self.set("text_coverage", coverage)
+        if unreliable:
+            self.set("unreliable", unreliable)
+        for msg in messages:
+            if self.strict:
+                raise MmsecError(f"{msg} (the model cannot read this data's texts; drop "
+                                 "--strict to measure anyway, figures marked unreliable)")
+            self.log.warning("%s: %s figures of this run are unreliable", msg,
+                             "zero-shot" if msg.startswith("zero-shot") else "retrieval")
+        return messages
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, state, meta, *, slot: str = "main", rng: bool = True) -> Path:

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import Field
 
-__all__ = ["batch_size", "epochs", "eps", "lr", "steps", "train_items", "weight"]
+__all__ = ["batch_size", "early_stop", "epochs", "eps", "lr", "min_steps", "patience", "steps",
+           "total_steps", "train_items", "weight"]
 
 
 def eps(default: float, what: str = "L-inf budget (pixels in [0, 1])", *,
@@ -32,6 +33,28 @@ def epochs(default: int, what: str = "passes over the training images") -> Any:
 
 def steps(default: int, what: str = "optimisation steps", *, allow_zero: bool = False) -> Any:
     return Field(default, ge=0 if allow_zero else 1, description=what)
+
+
+def total_steps(what: str = "optimiser steps in all (overrides epochs; none: from epochs)"
+                ) -> Any:
+    """``steps``: a schedule in steps instead of epochs (``train(steps=...)``)."""
+    return Field(None, ge=1, description=what)
+
+
+def min_steps(default: int, what: str = "at least this many optimiser steps: more epochs on "
+                                        "small data (0: off)") -> Any:
+    """``min_steps``: a floor on the steps planned from epochs (``train(min_steps=...)``)."""
+    return Field(default, ge=0, description=what)
+
+
+def early_stop(default: bool, metric: str) -> Any:
+    """``early_stop``: end the loop when ``metric`` plateaus (``train(stop=Plateau(...))``)."""
+    return Field(default, description=f"stop when {metric} has not improved for `patience` "
+                                       "epochs")
+
+
+def patience(default: int = 3) -> Any:
+    return Field(default, ge=1, description="epochs without improvement before early_stop")
 
 
 def batch_size(default: int, what: str = "images per step", *, minimum: int = 1) -> Any:

@@ -54,8 +54,9 @@ _HEAD_CACHE_SIZE = 16
 
 __all__ = [
     "CHECKPOINT_FORMAT", "DEFAULT_ZOO", "PRECISIONS", "ZOO_DIR", "ClipModel", "ModelSource",
-    "TrimmedTokenizer", "Vocabulary", "build_zoo_model", "builtin_model_sources",
-    "load_model", "load_weights", "pick_device", "read_state_dict", "read_zoo_spec",
+    "TrimmedTokenizer", "Vocabulary", "ZOO_FORMAT_V1", "build_zoo_model",
+    "builtin_model_sources", "load_model", "load_weights", "pick_device", "read_state_dict",
+    "read_zoo_spec", "shipped_zoo_names", "user_zoo_dirs", "zoo_dirs", "zoo_entries",
     "zoo_names",
 ]
 
@@ -644,26 +645,103 @@ def _image_stage_modules(visual: nn.Module) -> dict[str, nn.Module]:
                      "layer-wise features")
 
 
-# ---------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------- the zoo
+ZOO_FORMAT_V1 = "mmsec-zoo-v1"  # weights of mmsec 0.1/0.2 zoo files: the spec is beside them
+
+
+def user_zoo_dirs() -> list[Path]:
+    """Where ``mmsec zoo train`` writes and ``zoo:NAME`` also looks: ``$MMSEC_ZOO``
+    (several folders separated by the path separator) or the user data folder."""
+    env = os.environ.get("MMSEC_ZOO")
+    if env:
+        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
+    import platformdirs
+
+    return [Path(platformdirs.user_data_dir("mmsec")) / "zoo"]
+
+
+def zoo_dirs() -> list[Path]:
+    """The shipped zoo first (its names cannot be shadowed), then the user zoo folders."""
+    return [ZOO_DIR, *user_zoo_dirs()]
+
+
+def zoo_entries() -> list[tuple[str, Path]]:
+    """``(name, spec file)`` of every zoo model, shipped ones first; a user model with a
+    shipped model's name is left out (``zoo:NAME`` would never reach it)."""
+    seen: dict[str, Path] = {}
+    for folder in zoo_dirs():
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.json")):
+                seen.setdefault(path.stem, path)
+    return list(seen.items())
+
+
 def zoo_names() -> list[str]:
+    return [name for name, _ in zoo_entries()]
+
+
+def shipped_zoo_names() -> list[str]:
     return sorted(p.stem for p in ZOO_DIR.glob("*.json"))
 
 
+def _zoo_spec_path(name: str) -> Path:
+    for folder in zoo_dirs():
+        if (folder / f"{name}.json").is_file():
+            return folder / f"{name}.json"
+    where = ", ".join(str(d) for d in user_zoo_dirs())
+    raise UsageError(f"unknown zoo model {name!r} (available: {', '.join(zoo_names()) or 'none'};"
+                     f" user zoo: {where}; or -m zoo:PATH/NAME.safetensors)")
+
+
 def read_zoo_spec(name: str) -> dict:
-    path = ZOO_DIR / f"{name}.json"
-    if not path.exists():
-        raise UsageError(f"unknown zoo model {name!r} "
-                         f"(available: {', '.join(zoo_names()) or 'none'})")
-    return json.loads(path.read_text())
+    """The spec (``NAME.json``) of zoo model ``name``, shipped or in a user zoo folder."""
+    path = _zoo_spec_path(name)
+    spec = json.loads(path.read_text())
+    spec["_dir"] = str(path.parent)
+    return spec
+
+
+def _is_path_like(name: str) -> bool:
+    return os.path.sep in name or name.endswith((".safetensors", ".json")) or name.startswith(".")
+
+
+def _zoo_file(path: str) -> tuple[dict, Path]:
+    """``zoo:PATH``: a zoo checkpoint file (or its ``.json``) -> (spec, weights file)."""
+    p = Path(path).expanduser()
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    if not p.is_file():
+        raise MmsecError(f"zoo checkpoint not found: {p}")
+    from .io import load_tensors
+
+    try:
+        _, meta = load_tensors(p)
+    except MmsecError:
+        raise
+    except Exception as exc:
+        raise MmsecError(f"{p}: not a readable safetensors file ({exc})") from exc
+    if "zoo" in meta:
+        return json.loads(meta["zoo"]), p
+    side = p.with_suffix(".json")
+    if side.is_file():
+        return json.loads(side.read_text()), p
+    raise MmsecError(f"{p}: no zoo spec in its metadata and no {side.name} beside it "
+                     "(not written by `mmsec zoo train`)")
 
 
 def build_zoo_model(spec: dict) -> ClipModel:
     """An untrained ClipModel of a zoo spec (open_clip CLIP from its config, trimmed tokenizer)."""
     from open_clip.model import CLIP
 
+    spec = {k: v for k, v in spec.items() if not k.startswith("_")}
     cfg = spec["model_cfg"]
     clip = CLIP(**cfg)
-    tok = TrimmedTokenizer(spec["vocab"], cfg["text_cfg"]["context_length"])
+    if spec["vocab"] == "full":  # open_clip's whole BPE vocabulary
+        from open_clip.tokenizer import SimpleTokenizer
+
+        tok: Any = SimpleTokenizer(context_length=cfg["text_cfg"]["context_length"])
+    else:
+        tok = TrimmedTokenizer(spec["vocab"], cfg["text_cfg"]["context_length"])
     return ClipModel(clip, tok, name=f"zoo:{spec['name']}", pretrained=None,
                      image_size=cfg["vision_cfg"]["image_size"], mean=spec["mean"],
                      std=spec["std"], info={"zoo": spec["name"], "zoo_spec": spec})
@@ -733,17 +811,31 @@ class ModelSource:
 
 def _load_zoo(name: str | None, pretrained: str | None, state: dict | None,
               meta: Mapping[str, str]) -> ClipModel:
+    """``zoo:NAME`` (shipped, then the user zoo), ``zoo:PATH.safetensors`` (a file written by
+    ``mmsec zoo train``, spec in its metadata or beside it), or a zoo checkpoint given as
+    ``--pretrained`` (its own spec wins over the name)."""
     name = name or DEFAULT_ZOO
-    spec = json.loads(meta["zoo"]) if "zoo" in meta else read_zoo_spec(name)
+    weights: Path | None = None
+    if state is not None and "zoo" in meta:
+        spec = json.loads(meta["zoo"])
+    elif state is not None and meta.get("format") == ZOO_FORMAT_V1 and pretrained \
+            and Path(pretrained).with_suffix(".json").is_file():
+        spec = json.loads(Path(pretrained).with_suffix(".json").read_text())
+    elif _is_path_like(name):
+        spec, weights = _zoo_file(name)
+    else:
+        spec = read_zoo_spec(name)
+        weights = Path(spec["_dir"]) / spec["weights"]
     cm = build_zoo_model(spec)
     source = str(pretrained)
     if state is None:
-        weights = ZOO_DIR / spec["weights"]
+        assert weights is not None
         if not weights.exists():
             raise MmsecError(f"zoo model {name!r} has no weights at {weights}; "
                              f"run `mmsec zoo train --name {name}`")
         state, _ = read_state_dict(weights)
-        cm.pretrained, source = f"zoo:{name}", str(weights)
+        cm.pretrained = f"zoo:{name}" if not _is_path_like(name) else str(weights)
+        source = str(weights)
     else:
         cm.pretrained = str(pretrained)
     load_weights(cm.clip, state, source)
@@ -775,10 +867,13 @@ def _load_open_clip(name: str | None, pretrained: str | None, state: dict | None
 
 def _zoo_listing() -> list[tuple[str, list[str]]]:
     out = []
-    for name in zoo_names():
-        spec = read_zoo_spec(name)
-        top1 = spec.get("metrics", {}).get("zero_shot_top1")
-        out.append((f"zoo:{name}", [f"{spec.get('dataset')} zero-shot top-1 {top1}"]))
+    for name, path in zoo_entries():
+        spec = json.loads(path.read_text())
+        m = spec.get("metrics", {})
+        score = (f"zero-shot top-1 {m['zero_shot_top1']}" if "zero_shot_top1" in m else
+                 f"i2t R@1 {m['i2t_r1']}" if "i2t_r1" in m else "not measured")
+        where = "" if path.parent == ZOO_DIR else f" ({path.parent})"
+        out.append((f"zoo:{name}", [f"{spec.get('dataset')} {score}{where}"]))
     return out
 
 
@@ -840,6 +935,8 @@ def load_model(
                    " (only input-transform defenses can be rebuilt from a checkpoint)"))
     if model is None and meta.get("format") == CHECKPOINT_FORMAT:
         model = meta["model"]
+    if model is None and meta.get("format") == ZOO_FORMAT_V1 and meta.get("name"):
+        model = f"zoo:{meta['name']}"
     if model is None and pretrained is not None and not is_file:
         raise UsageError(f"--pretrained {pretrained!r} is a tag: name its architecture with -m")
     if model is None or model == "zoo":

@@ -35,7 +35,7 @@ __all__ = ["Defaults", "Recipe", "ResolvedStep", "Step", "load_recipe", "parse_r
 StepKind = Literal["attack", "defend", "eval"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SETTINGS: tuple[str, ...] = ("model", "pretrained", "data", "device", "precision", "seed", "split",
-                             "limit", "clean_items", "knn_bank")
+                             "limit", "clean_items", "knn_bank", "image_size")
 _DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
@@ -60,6 +60,8 @@ class Defaults(_Strict):
                                                      "defense may use")
     knn_bank: int = Field(2000, ge=0, description="attack/eval steps: train items of the kNN "
                                                   "bank (0: no kNN metrics)")
+    image_size: int | None = Field(None, ge=8, le=4096, description="load file-backed images "
+                                                                    "at N x N pixels")
 
 
 class Step(_Strict):
@@ -79,6 +81,7 @@ class Step(_Strict):
     limit: int | None = Field(None, ge=1)
     clean_items: int | None = Field(None, ge=1)
     knn_bank: int | None = Field(None, ge=0)
+    image_size: int | None = Field(None, ge=8, le=4096)
     model_from: str | None = Field(None, description="use the model an earlier step wrote")
     artifact_from: str | None = Field(None, description="apply an earlier attack's artifact")
     trigger_from: str | None = Field(None, description="measure ASR with an earlier trigger")
@@ -241,6 +244,7 @@ class ResolvedStep:
     limit: int | None
     clean_items: int
     knn_bank: int
+    image_size: int | None = None
     options: dict[str, Any] = field(default_factory=dict)
     model_from: str | None = None
     artifact_from: str | None = None

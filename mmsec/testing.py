@@ -151,11 +151,13 @@ if pytest is not None:
 
     @pytest.fixture(scope="session", autouse=True)
     def _mmsec_hermetic(tmp_path_factory):
-        """A fresh cache folder for the session, no progress bars, one torch thread."""
-        keys = ("MMSEC_CACHE_DIR", "MMSEC_PROGRESS")
+        """A fresh cache folder and user zoo for the session, no progress bars, one torch
+        thread."""
+        keys = ("MMSEC_CACHE_DIR", "MMSEC_PROGRESS", "MMSEC_ZOO")
         old = {k: os.environ.get(k) for k in keys}
         os.environ["MMSEC_CACHE_DIR"] = str(tmp_path_factory.mktemp("mmsec-cache"))
         os.environ["MMSEC_PROGRESS"] = "0"
+        os.environ["MMSEC_ZOO"] = str(tmp_path_factory.mktemp("mmsec-zoo"))
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         yield

@@ -15,9 +15,10 @@ _SESSION_CACHE = None
 def _session_cache(tmp_path_factory):
     global _SESSION_CACHE
     _SESSION_CACHE = tmp_path_factory.mktemp("mmsec-cache")
-    old = {k: os.environ.get(k) for k in ("MMSEC_CACHE_DIR", "MMSEC_PROGRESS")}
+    old = {k: os.environ.get(k) for k in ("MMSEC_CACHE_DIR", "MMSEC_PROGRESS", "MMSEC_ZOO")}
     os.environ["MMSEC_CACHE_DIR"] = str(_SESSION_CACHE)
     os.environ["MMSEC_PROGRESS"] = "0"
+    os.environ["MMSEC_ZOO"] = str(tmp_path_factory.mktemp("user-zoo"))  # never the user's
     yield _SESSION_CACHE
     for k, v in old.items():
         if v is None:

@@ -178,6 +178,68 @@ def test_a_step_without_a_loss_for_an_optimiser_is_an_error_not_a_silent_no_op()
               {"a": Optim(model, lr=0.1), "b": Optim(other, lr=0.1)}, epochs=1)
 
 
+def test_min_steps_adds_epochs_on_small_data_and_steps_wins_over_epochs():
+    model = nn.Linear(2, 1)
+    two = Batches(lambda e: [torch.ones(1, 2)] * 2, 2)
+    out = train(lambda x, ctx: model(x).sum(), two, Optim(model, lr=1e-3), epochs=3, min_steps=9)
+    assert (out.steps, out.planned, len(out.history)) == (9, 9, 5)  # 5 epochs, the last cut
+    out = train(lambda x, ctx: model(x).sum(), two, Optim(model, lr=1e-3), epochs=3, min_steps=2)
+    assert out.steps == 6
+    out = train(lambda x, ctx: model(x).sum(), two, Optim(model, lr=1e-3), steps=3, epochs=9,
+                min_steps=50)
+    assert out.steps == 3
+
+
+def test_plateau_decides_from_the_history():
+    from mmsec.training import Plateau
+
+    stop = Plateau("acc", patience=2, min_delta=0.01)
+    assert stop.check([{"acc": 0.5}, {"acc": 0.6}, {"acc": 0.7}]) is None
+    assert stop.check([{"acc": 0.5}, {"acc": 0.7}, {"acc": 0.705}]) is None  # 1 epoch flat
+    reason = stop.check([{"acc": 0.5}, {"acc": 0.7}, {"acc": 0.705}, {"acc": 0.69}])
+    assert reason and "best 0.7 at epoch 2" in reason
+    assert Plateau("loss", patience=1, mode="min").check([{"loss": 2.0}, {"loss": 2.5}])
+    assert Plateau("acc", patience=1, min_epochs=5).check([{"acc": 1.0}, {"acc": 0.0}]) is None
+    with pytest.raises(ValueError):
+        Plateau("acc", patience=0)
+
+
+def test_a_plateau_stops_the_loop_and_a_resumed_run_stays_stopped(tmp_path):
+    from mmsec.training import Plateau
+
+    model = nn.Linear(2, 1)
+    scores = iter([0.1, 0.5, 0.5, 0.5, 0.5, 0.9, 0.9])
+
+    def run_it(run):
+        return train(lambda x, ctx: model(x).sum(), Batches(lambda e: [torch.ones(1, 2)] * 3, 3),
+                     Optim(model, lr=1e-3), epochs=7, run=run, slot="p",
+                     on_epoch_end=lambda e, m: {"score": next(scores)},
+                     stop=Plateau("score", patience=2))
+
+    with Run.create(tmp_path / "r", "test", "p", quiet=True) as run:
+        out = run_it(run)
+    assert out.steps == 12 and len(out.history) == 4 and out.planned == 21
+    assert "score has not improved" in out.stopped_early
+    with Run.create(tmp_path / "r", "test", "p", resume=True, quiet=True) as run:
+        again = run_it(run)
+    assert again.already_done and again.steps == 12 and again.stopped_early == out.stopped_early
+
+
+def test_a_plateau_never_stops_before_min_steps():
+    from mmsec.training import Plateau
+
+    model = nn.Linear(2, 1)
+    # Flat from the start: without the floor this stops after epoch 3 (6 steps).
+    out = train(lambda x, ctx: model(x).sum(), Batches(lambda e: [torch.ones(1, 2)] * 2, 2),
+                Optim(model, lr=1e-3), epochs=2, min_steps=14,
+                on_epoch_end=lambda e, m: {"score": 0.5}, stop=Plateau("score", patience=2))
+    assert out.planned == 14 and out.steps == 14 and out.stopped_early is None
+    out = train(lambda x, ctx: model(x).sum(), Batches(lambda e: [torch.ones(1, 2)] * 2, 2),
+                Optim(model, lr=1e-3), epochs=20, min_steps=10,
+                on_epoch_end=lambda e, m: {"score": 0.5}, stop=Plateau("score", patience=2))
+    assert out.steps == 10 and out.stopped_early
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path):
     with Run.create(tmp_path / "full", "test", "lin", quiet=True) as run:
         full, _ = _fit(run, epochs=4)

@@ -171,9 +171,11 @@ PROCEDURAL_SIZES = {"train": 20000, "test": 2000, "val": 2000}
 
 def procedural_shapes(
     arg: str | None = None, *, split: str = "test", seed: int = 0, size: int = 32,
-    n: int | None = None, **_: object,
+    n: int | None = None, image_size: int | None = None, **_: object,
 ) -> TensorDataset:
-    """The built-in procedural shapes set (10 classes, captions, deterministic from ``seed``)."""
+    """The built-in procedural shapes set (10 classes, captions, deterministic from ``seed``);
+    rendered at ``image_size`` (alias ``size``, default 32) pixels."""
+    size = int(image_size or size)
     if split not in PROCEDURAL_SIZES:
         raise UsageError(f"dataset procedural: unknown split {split!r} (train, test, val)")
     n = n or PROCEDURAL_SIZES[split]

@@ -35,6 +35,7 @@ from ..errors import MmsecError
 from ..runs import capture_rng_state, restore_rng_state
 from .batches import Batches, BatchSource
 from .optim import Optim, build_optimizer, lr_factor
+from .stopping import Plateau
 
 __all__ = ["StepContext", "TrainResult", "train"]
 
@@ -50,6 +51,10 @@ class TrainResult:
     steps: int = 0
     resumed_at: int | None = None
     already_done: bool = False
+    #: why the loop ended before its planned steps (``stop``), else None
+    stopped_early: str | None = None
+    #: the steps planned (``steps``, or ``epochs`` x batches, at least ``min_steps``)
+    planned: int = 0
 
 
 class StepContext:
@@ -212,6 +217,8 @@ def train(
     *,
     steps: int | None = None,
     epochs: int = 1,
+    min_steps: int = 0,
+    stop: Plateau | None = None,
     run: Any = None,
     slot: str = "train",
     state: Mapping[str, nn.Module | Sequence[torch.Tensor]] | None = None,
@@ -234,6 +241,10 @@ def train(
         batches: a :class:`BatchSource` (a bare ``fn(epoch)`` must return a sized iterable).
         optimizers: one :class:`Optim`, or ``{name: Optim}``.
         steps: optimiser steps in all (default ``epochs`` x batches per epoch / accumulate).
+        min_steps: at least this many steps when the plan comes from ``epochs`` (so a small
+            dataset still gets enough updates; extra epochs are added). ``stop`` never ends
+            the loop before ``min_steps`` steps.
+        stop: end early when a per-epoch number plateaus (:class:`Plateau`).
         run: the run context (progress, log, checkpoints, ``--resume``); None runs silently.
         slot: this loop's checkpoint slot (one per stage of a plugin).
         state: modules (or tensors) checkpointed and restored on resume; default: each
@@ -255,7 +266,7 @@ def train(
     if per_epoch < 1:
         raise ValueError(f"{len(source)} batches per epoch cannot make one step of "
                          f"{accumulate} accumulated batches")
-    total = int(steps) if steps is not None else int(epochs) * per_epoch
+    total = int(steps) if steps is not None else max(int(epochs) * per_epoch, int(min_steps))
     n_epochs = math.ceil(total / per_epoch)
     if state is None:
         state = {n: s.params for n, s in specs.items() if isinstance(s.params, nn.Module)}
@@ -267,7 +278,7 @@ def train(
     single = len(specs) == 1
     fed: set[str] = set()  # optimisers that got a loss at least once
     ctx = StepContext(loop)
-    result = TrainResult()
+    result = TrainResult(planned=total)
     start_epoch, start_batch, gstep = 0, 0, 0
     sums: dict[str, float] = {}
     count = 0
@@ -281,6 +292,7 @@ def train(
             _load_module_state(state, tensors, slot)
             loop.load(tensors, meta)
             result.history = list(meta.get("history", []))
+            result.stopped_early = meta.get("stopped_early")
             gstep = int(meta["step"])
             result.resumed_at = gstep
             if meta.get("done") and (gstep >= total or int(meta.get("total", -1)) == total):
@@ -306,6 +318,7 @@ def train(
         run.save_checkpoint(tensors, {
             "slot": slot, "desc": desc, "epoch": epoch, "batch": batch, "step": gstep,
             "total": total, "done": done, "history": result.history, "sums": sums, "count": count,
+            "stopped_early": result.stopped_early,
             "optimizers": {n: s.describe() for n, s in specs.items()}, **opt_meta,
         }, slot=slot)
 
@@ -388,6 +401,15 @@ def train(
             if run is not None:
                 run.log.info("%s epoch %d: %s", desc, epoch + 1,
                              ", ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "epoch"))
+            reason = (stop.check(result.history)
+                      if stop is not None and min_steps <= gstep < total else None)
+            if reason:
+                result.stopped_early = reason
+                if run is not None:
+                    run.log.info("%s: stopped early after epoch %d of %d (step %d of %d): %s",
+                                 desc, epoch + 1, n_epochs, gstep, total, reason)
+                break
+            if run is not None:
                 if save and (checkpoint_every == "epoch" or isinstance(checkpoint_every, int)) \
                         and gstep < total:
                     checkpoint(epoch + 1, 0)

@@ -47,6 +47,7 @@ from mmsec import (
     MmsecError,
     Optim,
     Options,
+    Plateau,
     Subset,
     VectorIndex,
     encode_images,
@@ -88,6 +89,10 @@ class AdvCLIP(Attack):
         margin: float = Field(OFFICIAL_MARGIN, ge=0, lt=0.5,
                               description="gap to the image border / image side (14 px at 224)")
         epochs: int = fields.epochs(20)
+        steps: int | None = fields.total_steps()
+        min_steps: int = fields.min_steps(0)
+        early_stop: bool = fields.early_stop(False, "the held-out fooling rate (val_items)")
+        patience: int = fields.patience(4)
         batch_size: int = fields.batch_size(16)
         train_items: int | None = fields.train_items(
             1000, "training images: a fixed random sample of the train split (none: the "
@@ -170,9 +175,14 @@ class AdvCLIP(Attack):
 
         adam = {"kind": "adam", "lr": o.lr, "betas": (o.beta1, o.beta2), "schedule": "constant"}
         with run.timer("advclip_train"):
+            stop = (Plateau("val_fooling_rate", patience=o.patience, min_delta=0.01)
+                    if o.early_stop and check is not None else None)
             out = train(step, Batches(batches), {"D": Optim(D, **adam), "G": Optim(G, **adam)},
-                        epochs=o.epochs, run=run, slot="advclip", desc=self.name,
-                        train_modules=[G, D], on_epoch_end=on_epoch_end)
+                        epochs=o.epochs, steps=o.steps, min_steps=o.min_steps, stop=stop,
+                        run=run, slot="advclip", desc=self.name, train_modules=[G, D],
+                        on_epoch_end=on_epoch_end)
+            if out.stopped_early:
+                run.metrics["advclip_stopped_early_epoch"] = float(len(out.history))
 
         with torch.no_grad():
             patch = G().detach().cpu()

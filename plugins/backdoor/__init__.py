@@ -102,6 +102,12 @@ class Backdoor(Attack):
                                           "(default: per trigger type)")
         epochs: int | None = fields.epochs(None, "fine-tuning epochs (default: per trigger "
                                                  "type)")
+        steps: int | None = fields.total_steps()
+        min_steps: int = fields.min_steps(150, "at least this many steps: more epochs on small "
+                                               "data (1,000 items make 3 steps an epoch)")
+        early_stop: bool = fields.early_stop(True, "the held-out ASR (eval_items; only in the "
+                                                   "epochs min_steps adds)")
+        patience: int = fields.patience(3)
         lr: float = fields.lr(1e-3, "AdamW learning rate (cosine decay)")
         weight_decay: float = fields.weight(0.0, "AdamW weight decay")
         batch_size: int = fields.batch_size(256, "image-caption pairs per step", minimum=2)

@@ -28,6 +28,7 @@ from mmsec import (
     CaptionTable,
     ImageDataset,
     Optim,
+    Plateau,
     UsageError,
     contrastive_loss,
     load_images,
@@ -136,9 +137,9 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     n, bs = len(split.train), min(opts.batch_size, len(split.train))
     steps_per_epoch = max(1, n // bs)
     run.log.info("backdoor implant: %d training items, %d poisoned (%.1f%%), target %r, "
-                 "%d epochs of %d steps", n, int(split.poison.sum()),
+                 "%d epochs of %d steps (at least %d steps)", n, int(split.poison.sum()),
                  100 * split.poison.mean(), target.caption or target.name, opts.epochs,
-                 steps_per_epoch)
+                 steps_per_epoch, opts.min_steps)
     stream = run.seed_for("batches")
 
     def batches(epoch: int):
@@ -172,16 +173,25 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     optim = Optim(victim.tower_parameters(opts.towers), kind="adamw", lr=opts.lr,
                   weight_decay=opts.weight_decay, warmup_steps=min(20, steps_per_epoch),
                   schedule="cosine", grad_clip=1.0)
-    result = train(step, Batches(batches, steps_per_epoch), optim, epochs=opts.epochs, run=run,
+    # early stopping only ends the epochs min_steps adds on small data: the trigger's own
+    # epochs always run
+    stop = (Plateau("val_asr", patience=opts.patience, min_delta=0.01,
+                    min_epochs=int(opts.epochs) + 1)
+            if opts.early_stop and len(split.val) else None)
+    result = train(step, Batches(batches, steps_per_epoch), optim, epochs=opts.epochs,
+                   steps=opts.steps, min_steps=opts.min_steps, stop=stop, run=run,
                    slot="implant", desc="backdoor implant", state={"clip": victim.clip},
                    train_modules=victim.tower_modules(opts.towers),
                    on_epoch_end=on_epoch_end if len(split.val) else None)
     victim.eval()
     out = {"poison_rate": float(split.poison.mean()), "poisoned_items": float(split.poison.sum()),
            "train_items": float(n), "implant_steps": float(result.steps),
+           "implant_epochs": float(len(result.history)),
            "implant_seconds": round(time.perf_counter() - started, 2)}
     last = result.history[-1] if result.history else {}
     out.update({f"implant_{k}": v for k, v in last.items() if k.startswith("val_")})
+    if result.stopped_early:
+        run.log.info("backdoor implant: %s", result.stopped_early)
     return victim, out
 
 

@@ -89,6 +89,8 @@ class CPGC(Attack):
     class Options(Options):
         eps: float = fields.eps(12 / 255)
         epochs: int = fields.epochs(40)
+        steps: int | None = fields.total_steps()
+        min_steps: int = fields.min_steps(0)
         batch_size: int = fields.batch_size(4)
         lr: float = fields.lr(2e-4, "Adam learning rate of both generators")
         beta1: float = Field(0.5, ge=0, lt=1, description="Adam beta1")
@@ -149,7 +151,8 @@ class CPGC(Attack):
         if g_txt is not None:
             optims["text"] = Optim(g_txt, **adam)
         with run.timer("cpgc_train"):
-            out = train(loss, Batches(batches, -(-n // bs)), optims, epochs=o.epochs, run=run,
+            out = train(loss, Batches(batches, -(-n // bs)), optims, epochs=o.epochs,
+                        steps=o.steps, min_steps=o.min_steps, run=run,
                         slot="cpgc", desc=self.name,
                         train_modules=[g for g in (g_img, g_txt) if g is not None])
         with torch.no_grad():

@@ -42,6 +42,7 @@ class FineTuneOptions(Options):
     steps: int | None = Field(None, ge=1, description="optimiser steps (none: epochs over "
                                                       "the clean data)")
     epochs: int = fields.epochs(10, "passes over the clean data (when steps is none)")
+    min_steps: int = fields.min_steps(0)
     batch_size: int = fields.batch_size(128, minimum=2)
     lr: float = fields.lr(1e-5)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd "
@@ -107,7 +108,8 @@ class FineTune(Defense):
                       schedule="cosine", grad_clip=o.grad_clip)
         step = self.make_step(student, model, data, run)
         with run.timer(f"{self.name}_train"):
-            out = train(step, batches, optim, steps=o.steps, epochs=o.epochs, run=run,
+            out = train(step, batches, optim, steps=o.steps, epochs=o.epochs,
+                        min_steps=o.min_steps, run=run,
                         slot=self.name, state={"clip": student.clip}, precision=run.precision,
                         accumulate=o.accumulate, desc=self.name)
         run.metrics[f"{self.name}_steps"] = float(out.steps)

@@ -72,6 +72,10 @@ class InverTune(Defense):
                                               "a short schedule by default)")
         # stage 2: trigger inversion
         invert_epochs: int = fields.epochs(10, "trigger inversion epochs")
+        invert_steps: int | None = fields.total_steps("trigger inversion steps (overrides "
+                                                      "invert_epochs)")
+        invert_min_steps: int = fields.min_steps(100, "at least this many inversion steps "
+                                                      "(more epochs on a small clean set)")
         invert_batch: int = fields.batch_size(64, "trigger inversion batch size")
         invert_lr: float = fields.lr(0.01, "Adam learning rate of mask/pattern")
         w_ce: float = fields.weight(5.0, "weight of the target cross-entropy")
@@ -254,7 +258,8 @@ class InverTune(Defense):
 
         out = train(step, Batches(batches, steps_per_epoch),
                     Optim(trig, kind="adam", lr=o.invert_lr, schedule="constant"),
-                    epochs=o.invert_epochs, run=run, slot=f"invert{tag}",
+                    epochs=o.invert_epochs, steps=o.invert_steps,
+                    min_steps=o.invert_min_steps, run=run, slot=f"invert{tag}",
                     desc=f"invertune trigger inversion{tag}")
         trig.project()
         with torch.no_grad():

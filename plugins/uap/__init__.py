@@ -53,6 +53,8 @@ class UAP(Attack):
             "embedding", description="embedding: push f(x+d) away from f(x) (no labels); ce: "
                                      "raise the zero-shot cross-entropy of the clean prediction")
         epochs: int = fields.epochs(10)
+        steps: int | None = fields.total_steps()
+        min_steps: int = fields.min_steps(0)
         batch_size: int = fields.batch_size(64)
         lr: float | None = fields.lr(None, "Adam learning rate (default eps/10)")
         train_items: int | None = fields.train_items(1000)
@@ -87,7 +89,8 @@ class UAP(Attack):
 
         out = train(step, batches, Optim(holder, kind="adam", lr=o.lr or o.eps / 10,
                                          schedule="constant"),
-                    epochs=o.epochs, run=run, slot="uap", desc="uap",
+                    epochs=o.epochs, steps=o.steps, min_steps=o.min_steps, run=run,
+                    slot="uap", desc="uap",
                     on_epoch_end=lambda *_: holder.project(o.eps))
         holder.project(o.eps)
         delta = holder.delta.detach()[0].cpu()
