@@ -9,7 +9,9 @@ kinds of data ``mmsec`` reads from disk, to try "your own data" end to end:
 
 Each stamp is composited on white (stamps are transparent PNGs) and fitted into a
 SIZE x SIZE square. Classes are 11 stamp categories with plain English names; the
-captions are the stamps' own first caption lines ("A badger.").
+captions are the stamps' own first caption lines ("A badger."). Each caption row has a
+``split`` (80% train, 20% test by a hash of the image's path inside ``images/``: the same
+test images mmsec holds out of the image folder), so retrieval is measured on held-out pairs.
 
     python docs/examples/stamps_dataset.py OUT [--size 96] [--stamps DIR]
 """
@@ -17,6 +19,7 @@ captions are the stamps' own first caption lines ("A badger.").
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -39,6 +42,12 @@ CLASSES: dict[str, list[str]] = {
     "clothing": ["clothes"],
     "household": ["household"],
 }
+
+
+def split_of(relpath: str) -> str:
+    """mmsec's rule for a flat image folder: 80/20 by a hash of the relative path."""
+    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big")
+    return "train" if h % 100 < 80 else "test"
 
 
 def caption_of(png: Path) -> str | None:
@@ -83,7 +92,8 @@ def build(out: Path, stamps: Path, size: int) -> tuple[int, int]:
                 counts[cls] = counts.get(cls, 0) + 1
                 caption = caption_of(png)
                 if caption:
-                    rows.append({"image": rel.as_posix(), "caption": caption, "label": cls})
+                    rows.append({"image": rel.as_posix(), "caption": caption, "label": cls,
+                                 "split": split_of(f"{cls}/{png.stem}.png")})
     tmp = out / "captions.jsonl.tmp"
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     tmp.replace(out / "captions.jsonl")
