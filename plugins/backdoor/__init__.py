@@ -105,8 +105,8 @@ class Backdoor(Attack):
         steps: int | None = fields.total_steps()
         min_steps: int = fields.min_steps(150, "at least this many steps: more epochs on small "
                                                "data (1,000 items make 3 steps an epoch)")
-        early_stop: bool = fields.early_stop(True, "the held-out ASR (eval_items; only in the "
-                                                   "epochs min_steps adds)")
+        early_stop: bool = fields.early_stop(True, "the held-out ASR (eval_items; only after "
+                                                   "min_steps and the trigger's own epochs)")
         patience: int = fields.patience(3)
         lr: float = fields.lr(1e-3, "AdamW learning rate (cosine decay)")
         weight_decay: float = fields.weight(0.0, "AdamW weight decay")

@@ -173,8 +173,8 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     optim = Optim(victim.tower_parameters(opts.towers), kind="adamw", lr=opts.lr,
                   weight_decay=opts.weight_decay, warmup_steps=min(20, steps_per_epoch),
                   schedule="cosine", grad_clip=1.0)
-    # early stopping only ends the epochs min_steps adds on small data: the trigger's own
-    # epochs always run
+    # early stopping never cuts the trigger's own epochs, nor min_steps (the loop's floor):
+    # it ends longer schedules (-o epochs / -o steps) once the held-out ASR is flat
     stop = (Plateau("val_asr", patience=opts.patience, min_delta=0.01,
                     min_epochs=int(opts.epochs) + 1)
             if opts.early_stop and len(split.val) else None)
