@@ -178,3 +178,18 @@ def test_a_recipe_fine_tunes_then_measures_robust_accuracy_of_the_saved_model(tm
     m = robust["metrics"]
     assert robust["options"]["eps"] == pytest.approx(4 / 255)
     assert m["robust_top1"] < m["clean_top1"]
+
+
+@pytest.mark.slow
+def test_autoattack_is_at_least_as_strong_as_its_apgd_ce_alone(tmp_path):
+    """AutoAttack (torchattacks, standard version) runs APGD-CE first and then more attacks
+    on what survives, so its robust top-1 can only be lower or equal."""
+    out = {}
+    for name, extra in (("autoattack", []), ("apgd", ["-o", "steps", "100"])):
+        r = invoke("eval", "--robust", name, "-o", "eps", "1/255", *extra, "--limit", "24",
+                   "--knn-bank", "0", "--out", tmp_path / name, "--json")
+        assert r.exit_code == 0, r.output
+        out[name] = json.loads(r.stdout)["metrics"]
+    assert out["autoattack"]["clean_top1"] == out["apgd"]["clean_top1"]
+    assert out["autoattack"]["robust_top1"] < out["autoattack"]["clean_top1"]
+    assert out["autoattack"]["robust_top1"] <= out["apgd"]["robust_top1"]
