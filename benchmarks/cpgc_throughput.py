@@ -9,7 +9,8 @@ perturbs) through the image tower and back to the pixels. The C-PGC rate counts 
 images per step of the real training loop (both generators, the clean passes, the text
 side, the loop's bookkeeping). Prints one JSON object; the ratio is what to compare across
 machines (C-PGC's step also encodes each view clean and runs the text generator, so 1.0 is
-not the ceiling of a correct implementation: about 0.5 is).
+out of reach: measured 0.59 on ViT-B/32 at batch 4; 0.26 on the 1.9 M-parameter zoo model,
+where the generator's fixed cost per step dominates, 0.43 there at batch 32).
 """
 
 from __future__ import annotations
