@@ -127,6 +127,8 @@ def _data(ctx: RunContext, s: Settings, split: str | None = None,
     # ``n`` lets generated sources (procedural) render only what is used; others ignore it.
     ds = ctx.registry.load_dataset(s.data, split=split or s.split, seed=s.seed,
                                    strict=s.strict, n=limit, **_size(s))
+    if (split or s.split) == "train" and getattr(ds, "shared_splits", False):
+        _mark_shared_splits(ctx, ds)
     ds = subset(ds, limit, seed=s.seed)
     if ds.skipped:
         ctx.log.warning("%d corrupt item(s) skipped in %s", ds.skipped, ds.describe())
@@ -138,6 +140,19 @@ def _data(ctx: RunContext, s: Settings, split: str | None = None,
     return ds
 
 
+def _mark_shared_splits(ctx: RunContext, ds: ImageDataset) -> None:
+    """Something is fitted on a "train" split that is also the test split: say so, and mark
+    the figures (the attack or defense is measured on the items it was fitted on)."""
+    msg = (f"{ds.describe()} has no split column, so its train and test splits are the same "
+           "items: what is fitted on train is measured on the pairs it saw (add a 'split' "
+           "column to the file)")
+    unreliable = dict(ctx.get("unreliable") or {})
+    if "fit" not in unreliable:
+        unreliable["fit"] = msg
+        ctx.set("unreliable", unreliable)
+        ctx.log.warning("%s: figures of this run are unreliable", msg)
+
+
 def _bank(ctx: RunContext, s: Settings, n: int) -> ImageDataset | None:
     """A labelled train-split sample for kNN metrics (None when the data has no train split)."""
     if n <= 0:
@@ -147,6 +162,8 @@ def _bank(ctx: RunContext, s: Settings, n: int) -> ImageDataset | None:
                                        **_size(s))
     except (UsageError, MmsecError):
         return None
+    if getattr(ds, "shared_splits", False):
+        return None  # the bank would hold the queries themselves (kNN top-1 1.0)
     ds = subset(ds, n, seed=s.seed)
     return ds if ds.classnames else None
 

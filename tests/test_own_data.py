@@ -95,6 +95,23 @@ def test_zoo_train_on_a_captions_file_holds_out_a_test_part_and_reports_recall(t
     assert "clean_t2i_r1" in ev["metrics"] and "unreliable" not in ev
 
 
+def test_fitting_on_a_captions_file_without_splits_is_marked_unreliable(tmp_path):
+    path = _captions(tmp_path)
+    opts = ["-o", "epochs", "1", "-o", "batch_size", "8"]
+    shared = _json(invoke("attack", "-p", "uap", "-d", f"captions:{path}", *opts,
+                          "--out", tmp_path / "a", "--json"))
+    assert "no split column" in shared["unreliable"]["fit"]
+    assert "clean_knn_top1" not in shared["metrics"]  # no kNN bank made of the queries
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row["split"] = "test" if i % 5 == 0 else "train"
+    split = tmp_path / "split.jsonl"
+    split.write_text("\n".join(json.dumps(r) for r in rows))
+    ok = _json(invoke("attack", "-p", "uap", "-d", f"captions:{split}", *opts,
+                      "--out", tmp_path / "b", "--json"))
+    assert "fit" not in ok.get("unreliable", {})
+
+
 def test_zoo_train_refuses_bad_sizes_unknown_data_and_shipped_names(tmp_path):
     data = f"imagefolder:{_folder(tmp_path / 'f', n=4)}"
     r = invoke("zoo", "train", "-d", data, "--image-size", "48")
@@ -132,7 +149,8 @@ def test_identical_prompts_are_counted(zoo_model):
     assert "read as only 2 distinct" in cov.message()
 
 
-def test_image_size_loads_file_images_at_that_size(tmp_path):
+def test_image_size_loads_file_images_at_that_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMSEC_CACHE_DIR", str(tmp_path / "cache"))  # counts below start at 0
     folder = _folder(tmp_path / "f", n=3, size=40)
     res = _json(invoke("eval", "-d", f"imagefolder:{folder}", "--split", "train",
                        "--image-size", "24", "--knn-bank", "0", "--out", tmp_path / "e",

@@ -125,6 +125,10 @@ class FileImageDataset(ImageDataset):
     output size when the image is resized, as resizing changes the pixels).
     """
 
+    #: True when every split holds the same items (a captions file without a split column):
+    #: whatever is fitted on "train" is then measured on the items it saw
+    shared_splits: bool = False
+
     def __init__(
         self,
         files: Sequence[Path],
@@ -388,9 +392,11 @@ def captions_file(
                              f"(splits there: {', '.join(sorted(present))})")
     folder = path.parent
     files = [folder / str(rows[i]["image"]).strip() for i in chosen]
-    return FileImageDataset(
+    ds = FileImageDataset(
         files, [labels[i] for i in chosen], name=f"captions:{path.name}", split=split,
         classnames=classnames, captions=[_row_captions(rows[i]) for i in chosen],
         image_size=image_size, strict=strict, source=f"{source} {path}",
     )
+    ds.shared_splits = not any(splits)
+    return ds
 
