@@ -174,6 +174,22 @@ class Supervised(FineTune):
         self.num_classes = len(data.classnames)
         self.hard = losses.HardPairWeights(self.num_classes, beta=o.hard_class_reweight)
 
+    def adversarial(self, student, data, x, y, run, step: int):
+        """The class head and the inner attack's images against it (the class loss of
+        ``student`` maximised around ``x``)."""
+        head = self.head(student, data)
+        adv = self.attack(student, lambda xa: self.class_loss(
+            student.encode_image(xa), head.detach(), y), x, run, step)
+        return head, adv
+
+    def with_preserve(self, out: dict, student, teacher, x) -> dict:
+        """``out`` with the teacher-preservation term added to its loss (``preserve``)."""
+        keep = self.preserve_term(student, teacher, x)
+        if keep is not None:
+            out["loss"] = out["loss"] + keep
+            out["preserve"] = keep.detach()
+        return out
+
     def head(self, student, data) -> torch.Tensor:
         """The class text embeddings: fixed when the text tower is frozen, else live."""
         if self.options.tower == "image":

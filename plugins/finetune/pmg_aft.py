@@ -46,9 +46,7 @@ class PMGAFT(Supervised):
 
         def step(batch, ctx):
             _, x, y = batch
-            head = self.head(student, data)
-            adv = self.attack(student, lambda xa: self.class_loss(
-                student.encode_image(xa), head.detach(), y), x, run, ctx.step)
+            head, adv = self.adversarial(student, data, x, y, run, ctx.step)
             emb = student.encode_image(adv)
             adv_logits = self.logits(emb, head)
             clean_logits = self.logits(student.encode_image(x), head)
@@ -67,10 +65,6 @@ class PMGAFT(Supervised):
             out = {"loss": loss, "ce": ce.detach(), "kl_orig": terms["kl_orig"].detach(),
                    "kl_clean": terms["kl_clean"].detach(),
                    "adv_acc": (pred == y).float().mean()}
-            keep = self.preserve_term(student, teacher, x)
-            if keep is not None:
-                out["loss"] = loss + keep
-                out["preserve"] = keep.detach()
-            return out
+            return self.with_preserve(out, student, teacher, x)
 
         return step

@@ -39,20 +39,14 @@ class TeCoA(Supervised):
     def make_step(self, student, teacher, data, run):
         def step(batch, ctx):
             _, x, y = batch
-            head = self.head(student, data)
-            adv = self.attack(student, lambda xa: self.class_loss(
-                student.encode_image(xa), head.detach(), y), x, run, ctx.step)
+            head, adv = self.adversarial(student, data, x, y, run, ctx.step)
             emb = student.encode_image(adv)
             with torch.no_grad():
                 pred = self.logits(emb, head).argmax(1)
             self.hard.update(y, pred)
             weights = self.hard.weights(y, pred) if self.options.hard_class_reweight else None
             loss = self.class_loss(emb, head, y, weights)
-            out = {"loss": loss, "adv_acc": (pred == y).float().mean()}
-            keep = self.preserve_term(student, teacher, x)
-            if keep is not None:
-                out["loss"] = loss + keep
-                out["preserve"] = keep.detach()
-            return out
+            return self.with_preserve({"loss": loss, "adv_acc": (pred == y).float().mean()},
+                                      student, teacher, x)
 
         return step
