@@ -109,43 +109,68 @@ def _ca_asr(model, x, y, spec, head, target):
     return float((clean == y).float().mean()), float((trig == target).float().mean())
 
 
-@pytest.mark.slow
-def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path):
-    """Implant (backdoor plugin, short schedule) -> InverTune (short, target NOT given: the
-    uap simulator identifies it) -> CA/ASR with the real trigger, which the defense never sees."""
+@pytest.fixture(scope="module")
+def short_implants(registry, tmp_path_factory):
+    """Short BadNets and SIG implants on the embedded model (the backdoor plugin's defaults
+    otherwise), made once for this module's slow tests."""
     model = load_model(device="cpu")
     train = load_dataset("procedural", split="train", n=3000)
+    out = {}
+    for trigger in ("badnets", "sig"):
+        tmp = tmp_path_factory.mktemp(trigger)
+        attack = Backdoor({"trigger": trigger, "epochs": 3, "batch_size": 128,
+                           "train_items": 3000, "eval_items": 0})
+        with run_context(tmp / "implant", registry, "attack", "backdoor") as run:
+            fitted = attack.fit(model, train, run)
+        fitted.artifact.save(tmp / "backdoor.safetensors")
+        out[trigger] = (fitted.model, fitted.artifact, tmp / "backdoor.safetensors")
+    return out
+
+
+@pytest.mark.slow
+def test_auto_simulator_finds_the_target_of_a_short_badnets_implant(registry, tmp_path,
+                                                                    short_implants):
+    """No target given; the probes of the patch family rank the real target first. (With
+    every family probed, the embedded model's natural sink, "ring", which an L-inf
+    perturbation reaches from 86% of the images, outranks it: see the README.)"""
+    victim, spec, path = short_implants["badnets"]
+    clean = load_dataset("procedural", split="train", n=1000, seed=1)
+    with run_context(tmp_path / "defend", registry, trigger=path) as run:
+        InverTune({"stages": "identify", "probe_families": ["patch"]}).apply(victim, clean, run)
+        metrics = dict(run.metrics)
+        family = run.get("identified_family")
+    print("badnets identification:", {k: v for k, v in metrics.items() if "target" in k})
+    assert metrics["identified_target"] == spec.meta["target"], metrics
+    assert family == "patch"
+    ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
+    assert ranking[0]["class"] == spec.meta["target"] and ranking[0]["rate_patch"] > 0.9
+
+
+@pytest.mark.slow
+def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, short_implants):
+    """Implant (backdoor plugin, short schedule) -> InverTune with its defaults (no simulator
+    and no target given: the probes identify it) -> CA/ASR with the real trigger, which the
+    defense never sees."""
+    victim, spec, path = short_implants["sig"]
     test = load_dataset("procedural", split="test", n=500)
     x, y = load_images(test, range(len(test)))
-    head = model.zero_shot_head(train.classnames, train.templates)
-    attack = Backdoor({"trigger": "sig", "epochs": 3, "batch_size": 128,
-                       "train_items": 3000, "eval_items": 0})
-    with run_context(tmp_path / "implant", registry, "attack", "backdoor") as run:
-        fitted = attack.fit(model, train, run)
-        victim, spec = fitted.model, fitted.artifact
-        spec.save(tmp_path / "backdoor.safetensors")
+    head = victim.zero_shot_head(test.classnames, test.templates)
     target = spec.meta["target"]
     ca0, asr0 = _ca_asr(victim, x, y, spec, head, target)
     assert asr0 > 0.7, f"the short implant did not take (ASR {asr0:.2f})"
 
     clean = load_dataset("procedural", split="train", n=1000, seed=1)
-    dfn = InverTune({"simulator": "uap", "simulator_options": {"epochs": 4}})  # else defaults
-    with run_context(tmp_path / "defend", registry,
-                     trigger=tmp_path / "backdoor.safetensors") as run:
-        repaired = dfn.apply(victim, clean, run)
+    with run_context(tmp_path / "defend", registry, trigger=path) as run:
+        repaired = InverTune().apply(victim, clean, run)
         metrics = dict(run.metrics)
     ca1, asr1 = _ca_asr(repaired, x, y, spec, head, target)
     print(f"chain: CA {ca0:.3f} -> {ca1:.3f}, ASR {asr0:.3f} -> {asr1:.3f}")
     assert metrics["identified_target"] == target and metrics["target_identified"] == 1.0
     assert asr1 <= 0.2 * asr0, (asr0, asr1)  # most of the ASR is gone ...
-    # ... at a small cost of CA: measured 96.6 -> 93.2 with these random streams (96.8 ->
-    # 94.6 with mmsec 0.1's); the full-schedule runs in the README cost 0.3-2.3 points
-    assert ca1 >= ca0 - 0.04, (ca0, ca1)
+    assert ca1 >= ca0 - 0.04, (ca0, ca1)  # ... at a small cost of CA
     ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
     assert ranking[0]["class"] == target
-    assert metrics["rounds_done"] == 3
-    for png in ("real-trigger", "inverted-trigger", "inverted-trigger-r3"):
-        assert (tmp_path / "defend" / "artifacts" / f"{png}.png").exists()
+    assert (tmp_path / "defend" / "artifacts" / "real-trigger.png").exists()
 
 
 def test_the_simulator_runs_in_its_own_child_run(registry, tmp_path):
@@ -239,3 +264,61 @@ def test_defend_command_measures_the_real_trigger_before_and_after(tmp_path):
                                     str(tmp_path / "missing.safetensors"), "--out",
                                     str(tmp_path / "r2")])
     assert bad.exit_code != 0 and "missing.safetensors" in bad.output
+
+
+def test_probe_families_are_bounded_and_placed_where_they_say():
+    from mmsec_plugins.invertune import probes
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 3, 32, 32)
+    patch = probes.PatchProbe(32, 32, 0.3, 2, g)
+    s = patch.s
+    assert s == 10 and patch.places == [(0, 0), (0, 22), (22, 0), (22, 22), (11, 11)]
+    for k, (t, left) in enumerate(patch.places):
+        out = patch.paste(x, k)
+        inside = torch.zeros(32, 32, dtype=torch.bool)
+        inside[t:t + s, left:left + s] = True
+        assert torch.equal(out[..., inside], patch.patterns[k].expand(10, -1, -1, -1)
+                           .flatten(2).detach().view_as(out[..., inside]))
+        assert torch.equal(out[..., ~inside], x[..., ~inside])
+    mixed = patch(x)  # a batch spread over the places, image i at place i % 5
+    assert torch.equal(mixed[7], patch.paste(x[7:8], 2)[0])
+    add = probes.AdditiveProbe(32, 32, 8 / 255)
+    add.delta.data.uniform_(-1, 1)
+    add.project()
+    assert (add(x) - x).abs().max() <= 8 / 255 + 1e-6
+    warp = probes.WarpProbe(32, 32, 4, 0.1, g)
+    warp.offsets.data.fill_(10.0)
+    warp.project()
+    ident = probes.WarpProbe(32, 32, 4, 0.1, g).flow()
+    ident_grid = torch.stack(torch.meshgrid(torch.linspace(-1, 1, 32), torch.linspace(-1, 1, 32),
+                                            indexing="xy"), dim=-1)[None]
+    # at most strength x side per axis (x2 in grid_sample's [-1, 1] units)
+    assert ((warp.flow() - ident_grid).abs().max() <= 2 * 0.1 + 1e-5)
+    assert ident.shape == (1, 32, 32, 2)
+
+
+def test_robust_z_hand_checked():
+    from mmsec_plugins.invertune.probes import robust_z
+
+    v = torch.tensor([0.9, 0.2, 0.3, 0.1, 0.2, 0.4])
+    # others: median 0.2, |dev| [0, .1, .1, 0, .2] -> MAD 0.1 -> sigma 0.14826
+    assert robust_z(v, 0) == pytest.approx((0.9 - 0.2) / 0.14826, rel=1e-4)
+    flat = torch.tensor([0.5, 0.01, 0.01, 0.01])  # MAD 0: floored at 0.05
+    assert robust_z(flat, 0) == pytest.approx((0.5 - 0.01) / 0.05, rel=1e-4)
+
+
+def test_many_classes_are_screened_to_candidates(registry, tmp_path):
+    """More classes than ``candidates``: untargeted probes pick which ones get targeted
+    probes; the ranking lists every class, the unprobed ones without rates."""
+    model = load_model(device="cpu")
+    data = load_dataset("procedural", split="train", n=96)
+    dfn = InverTune({"stages": "identify", "candidates": 3, "probe_steps": 2, "probe_batch": 4,
+                     "clean_items": 96})
+    with run_context(tmp_path / "run", registry) as run:
+        dfn.apply(model, data, run)
+        metrics = dict(run.metrics)
+    rows = json.loads((tmp_path / "run" / "artifacts" / "target_ranking.json").read_text())
+    assert len(rows) == 10 and sum(r["z"] is not None for r in rows) == 3
+    assert rows[0]["z"] is not None and metrics["identified_target"] == rows[0]["class"]
+    assert all(r["rate_patch"] is None for r in rows if r["z"] is None)

@@ -35,7 +35,10 @@ from mmsec import (
 )
 from mmsec.losses import ssim
 
+from . import probes
+
 Stage = Literal["identify", "invert", "tune"]
+Family = Literal["patch", "additive", "warp"]
 
 # Simulator defaults when the simulator is advclip: a short schedule (the paper's 20 epochs
 # over a large set are for 224-px CLIPs; on the clean set a few epochs give a usable patch)
@@ -65,8 +68,32 @@ class InverTune(Defense):
             None, description="ablation only: the target class (name or index) instead of "
                               "identifying it")
         simulator: str = Field(
-            "advclip", description="attack plugin simulating a universal attack, or a saved "
-                                   "artifact FILE (.safetensors)")
+            "auto", description="auto: targeted trigger probes of every family per class "
+                                "(see probes.py); or an attack plugin simulating an "
+                                "untargeted universal attack (advclip, uap), or a saved "
+                                "artifact FILE (.safetensors)")
+        probe_families: list[Family] = Field(
+            default_factory=lambda: ["patch", "additive", "warp"],
+            description="auto: trigger families probed (patch,additive,warp)")
+        probe_steps: int = Field(40, ge=1, le=100000, description="auto: Adam steps per probe")
+        probe_batch: int = fields.batch_size(16, "auto: images per probe step (a patch probe "
+                                                 "gets this many per place)")
+        probe_patch_side: float = Field(0.3, gt=0, le=1, description="auto: patch probe side "
+                                                                     "/ shorter image side")
+        probe_patch_grid: int = Field(2, ge=1, le=8, description="auto: patch places per side "
+                                                                 "(and the centre)")
+        probe_eps: float = fields.eps(16 / 255, "auto: additive probe's L-inf budget")
+        probe_warp_strength: float = Field(0.1, gt=0, le=0.5,
+                                           description="auto: warp probe's largest "
+                                                       "displacement / image side")
+        probe_warp_grid: int = Field(4, ge=2, le=32, description="auto: warp control points "
+                                                                 "per side")
+        min_confidence: float = Field(
+            3.0, ge=0, description="auto: robust z-score of the top class over the others "
+                                   "below which the report says no class stands out")
+        candidates: int = Field(16, ge=1, description="auto: classes probed (all when there "
+                                                      "are at most this many; else the ones "
+                                                      "untargeted probes drift to most)")
         simulator_options: dict = Field(
             default_factory=dict, description="options of the simulator plugin (advclip: "
                                               "a short schedule by default)")
@@ -94,12 +121,22 @@ class InverTune(Defense):
         grad_clip: float = Field(1.0, gt=0, description="gradient norm clip")
         w_preserve: float = fields.weight(20.0, "weight of the embedding-preservation term "
                                                 "(paper 0.5 at lr 2e-6; see the docstring)")
+        w_invariance: float = fields.weight(
+            1.0, "weight of ||f(trigger(x)) - f0(x)||: the triggered images' embeddings pulled "
+                 "back to the original model's clean ones (mmsec extension; 0 = the paper)")
         tune_simulator: bool = Field(
             True, description="also tune away the simulator's perturbation (the one whose "
                               "prediction collapse identified the target; mmsec extension)")
-        rounds: int = Field(3, ge=1, le=10, description="invert+tune rounds (paper: 1); each "
-                                                        "later round inverts again on the "
-                                                        "repaired model")
+        rounds: int = Field(3, ge=1, le=10, description="invert+tune rounds at most (paper: 1);"
+                                                        " each later round inverts again on "
+                                                        "the repaired model")
+        stop_asr: float = Field(0.5, ge=0, le=1, description="a later round whose inverted "
+                                                             "trigger reaches fewer clean images"
+                                                             " than this ends the rounds")
+        inversion: Literal["auto", "mask", "warp"] = Field(
+            "auto", description="mask: mask + pattern (the paper); warp: also a learned smooth "
+                                "flow field under them; auto: warp when a warp probe "
+                                "identified the target")
 
         @field_validator("stages")
         @classmethod
@@ -132,35 +169,50 @@ class InverTune(Defense):
 
         target = _parse_target(o.target, names) if o.target is not None else None
         extra = []  # perturbations tuned away next to the inverted trigger
+        found = None  # the probe that identified the target (simulator auto)
+        family = None
         if "identify" in o.stages:
             with run.timer("invertune_identify"):
-                ranked, simulated = self.identify(model, data, idx, x, head, names, run,
-                                                  true_target)
+                ranked, simulated, family = self.identify(model, data, idx, x, head, names,
+                                                          run, true_target)
             if target is None:
                 target = ranked[0]
-            if o.tune_simulator and target == ranked[0]:
-                extra.append(simulated)
+            if target == ranked[0] and simulated is not None:
+                found = simulated
+                if o.tune_simulator:
+                    extra.append(simulated)
         if "invert" not in o.stages:
             return model
+        warp = o.inversion == "warp" or (o.inversion == "auto" and family == "warp")
+        run.set("inversion", "warp" if warp else "mask")
         current = model
         rounds = o.rounds if "tune" in o.stages else 1
+        done = 0
         for r in range(rounds):
             tag = _round_tag(r)
             with run.timer(f"invertune_invert{tag}"):
-                mask, pattern = self.invert(current, x, y, head, target, names, run, r)
+                trig, inv_asr = self.invert(current, x, y, head, target, names, run, r,
+                                            warp=warp, init=found if r == 0 else None)
+            if r > 0 and inv_asr < o.stop_asr:
+                run.log.info("invertune: round %d's inverted trigger reaches %.1f%% (< %.0f%%):"
+                             " nothing left to tune", r + 1, 100 * inv_asr, 100 * o.stop_asr)
+                break
             if "tune" in o.stages:
                 with run.timer(f"invertune_tune{tag}"):
-                    current = self.tune(current, x, [_stamp(mask, pattern), *extra], head,
-                                        target, run, r)
-        run.metrics["rounds_done"] = float(rounds)
+                    current = self.tune(current, x, [trig, *extra], head, target, run, r)
+            done += 1
+        run.metrics["rounds_done"] = float(done)
         return current
 
     # ------------------------------------------------------------------ stage 1
     def identify(self, model, data, idx, x, head, names, run, true_target):
-        """Rank classes by the rise of their prediction share under a simulated universal
-        attack; returns the ranking and the simulated perturbation as a function of pixels."""
+        """Rank classes by how easily a universal change reaches them; returns the ranking,
+        the perturbation that identified the top class (a function of pixels) and its trigger
+        family (``None`` for an untargeted simulator)."""
         o = self.options
         sim = o.simulator
+        if sim == "auto":
+            return self.identify_by_probes(model, x, head, names, run, true_target)
         if sim.endswith(".safetensors") or Path(sim).exists():
             artifact = Artifact.load(sim)
             attack = run.registry.attack_for(artifact)
@@ -209,11 +261,148 @@ class InverTune(Defense):
             f"**{names[ranked[0]]}** (class {ranked[0]}).{known}\n\n"
             f"| rank | class | share clean | share attacked | rise |\n|---|---|---|---|---|\n"
             f"{table}\n"))
-        return ranked, lambda pixels: attack.perturb(artifact, pixels)
+        return ranked, (lambda pixels: attack.perturb(artifact, pixels)), None
+
+    def identify_by_probes(self, model, x, head, names, run, true_target):
+        """``simulator: auto``: a targeted probe of each family towards each candidate class
+        (``probes.py``); a class's score is its best family's held-out success rate, the
+        top class is the suspected target, and how far it stands above the others (robust
+        z-score over the classes) is the confidence."""
+        o = self.options
+        h, w = x.shape[-2:]
+        c = len(names)
+        clean = _predict(model, x, head)
+        candidates = list(range(c))
+        if c > o.candidates:
+            candidates = self.screen(model, x, clean, head, run)
+        scores = torch.zeros(len(o.probe_families), c)
+        best: dict[int, probes.ProbeResult] = {}
+        trials: dict[tuple[str, int], probes.ProbeResult] = {}
+        gen = run.rng("probes")
+        total = len(candidates) * len(o.probe_families)
+        with run.progress(total=total, desc="invertune target probes") as bar:
+            for fi, fam in enumerate(o.probe_families):
+                for k in candidates:
+                    pool = x[clean != k]
+                    if len(pool) < 4:
+                        continue
+                    cut = max(2, int(0.7 * len(pool)))
+                    probe = self._probe(fam, h, w, gen)
+                    res = probes.fit_probe(model, head, probe, k, pool[:cut], pool[cut:],
+                                           steps=o.probe_steps, batch=o.probe_batch, gen=gen,
+                                           temperature=o.temperature)
+                    scores[fi, k] = res.rate
+                    trials[fam, k] = res
+                    bar.update(1)
+        # a family's rates are put on one scale by their robust z-score over the candidates:
+        # the natural "sink" of a model is easy to reach in every family, a backdoor target
+        # stands out in its own
+        cand = torch.tensor(candidates)
+        zs = torch.full_like(scores, -math.inf)
+        for fi in range(len(o.probe_families)):
+            for k in candidates:
+                zs[fi, k] = probes.robust_z(scores[fi, cand], candidates.index(k))
+        score, fam_idx = zs.max(0)
+        ranked = torch.argsort(score, descending=True, stable=True).tolist()
+        top = ranked[0]
+        z = float(score[top])
+        for k in candidates:  # the perturbation of the family that scored the class
+            fam = o.probe_families[int(fam_idx[k])]
+            best[k] = trials.get((fam, k), best.get(k))
+        fam_of = {k: best[k].family if best.get(k) is not None else "" for k in range(c)}
+        probed = set(candidates)
+        rows = [{"rank": r + 1, "class": i, "name": names[i],
+                 "z": float(score[i]) if i in probed else None, "family": fam_of[i],
+                 **{f"rate_{f}": float(scores[j, i]) if i in probed else None
+                    for j, f in enumerate(o.probe_families)}}
+                for r, i in enumerate(ranked)]
+        write_atomic(run.artifacts_dir / "target_ranking.json", json.dumps(rows, indent=1))
+        run.metrics["identified_target"] = float(top)
+        run.metrics["target_probe_rate"] = float(scores[fam_idx[top], top])
+        run.metrics["target_confidence_z"] = z
+        run.metrics["target_confidence_z_second"] = float(score[ranked[1]]) if c > 1 else 0.0
+        confident = z >= o.min_confidence
+        run.metrics["target_confident"] = float(confident)
+        run.set("identified_target_name", names[top])
+        run.set("identified_family", fam_of[top])
+        known = ""
+        if true_target is not None:
+            rank = ranked.index(true_target) + 1
+            run.metrics["true_target_rank"] = float(rank)
+            run.metrics["target_identified"] = float(rank == 1)
+            known = (f" The real target (from the trigger spec the run knows; not used by the "
+                     f"defense) is `{names[true_target]}`, ranked {rank}.")
+        if not confident:
+            run.log.warning("invertune: no class stands out (z %.1f < %.1f): the model may "
+                            "have no backdoor, or one of a family not probed; tuning the "
+                            "top class %r anyway", z, o.min_confidence, names[top])
+        fams = ", ".join(o.probe_families)
+        table = "\n".join(
+            f"| {r['rank']} | {r['name']} | "
+            + " | ".join(f"{r[f'rate_{f}']:.3f}" for f in o.probe_families)
+            + f" | {r['z']:.1f} | {r['family']} |" for r in rows if r["z"] is not None)
+        run.add_section("InverTune 1: target identification", (
+            f"Targeted probes ({fams}; {o.probe_steps} steps of {o.probe_batch} images) "
+            f"towards each of {len(candidates)} classes on {len(x)} clean images; a class's "
+            f"score is the largest robust z-score of its success rate on held-out images "
+            f"among the classes, over the families. Suspected target: "
+            f"**{names[top]}** (class {top}, {fam_of[top]} probe, z {z:.1f}"
+            f"; next {float(score[ranked[1]]) if c > 1 else 0:.1f}; "
+            f"{'confident' if confident else 'NOT confident'} at {o.min_confidence:g})."
+            f"{known}\n\n| rank | class | " + " | ".join(o.probe_families)
+            + " | z | family |\n|---|---|" + "---|" * (len(o.probe_families) + 2)
+            + f"\n{table}\n"))
+        found = best.get(top)
+        if found is not None and found.family == "patch":
+            run.save_image("probe-patch", _on_grey(found, h, w), scale=8, report=True)
+        return ranked, found, fam_of[top] or None
+
+    def _probe(self, family: str, h: int, w: int, gen: torch.Generator) -> nn.Module:
+        o = self.options
+        if family == "patch":
+            return probes.PatchProbe(h, w, o.probe_patch_side, o.probe_patch_grid, gen)
+        if family == "additive":
+            return probes.AdditiveProbe(h, w, o.probe_eps)
+        return probes.WarpProbe(h, w, o.probe_warp_grid, o.probe_warp_strength, gen)
+
+    def screen(self, model, x, clean, head, run) -> list[int]:
+        """More classes than ``candidates``: keep those untargeted probes of each family
+        drift to most (their rise in prediction share), best first, round-robin."""
+        o = self.options
+        h, w = x.shape[-2:]
+        c = head.shape[0]
+        gen = run.rng("screen")
+        share = torch.bincount(clean, minlength=c).float() / len(clean)
+        lists = []
+        for fam in o.probe_families:
+            probe = self._probe(fam, h, w, gen)
+            if isinstance(probe, probes.PatchProbe):
+                probe.place = None
+            probes.fit_probe(model, head, probe, None, x, x[:0], steps=o.probe_steps,
+                             batch=o.probe_batch, gen=gen, clean=clean)
+            if isinstance(probe, probes.PatchProbe):
+                probe.place = None
+            with torch.no_grad():
+                adv = _predict(model, torch.cat([probe(b.to(model.device)).cpu()
+                                                 for b in x.split(256)]), head)
+            rise = torch.bincount(adv, minlength=c).float() / len(adv) - share
+            lists.append(torch.argsort(rise, descending=True, stable=True).tolist())
+        out: list[int] = []
+        for i in range(c):
+            for lst in lists:
+                if lst[i] not in out:
+                    out.append(lst[i])
+        return out[:o.candidates]
 
     # ------------------------------------------------------------------ stage 2
-    def invert(self, model, x, y, head, target: int, names, run, rnd: int = 0):
-        """Learn mask and pattern that send non-target images to ``target``; returns both.
+    def invert(self, model, x, y, head, target: int, names, run, rnd: int = 0, *,
+               warp: bool = False, init=None):
+        """Learn mask and pattern (and with ``warp`` a smooth flow field under them) that
+        send non-target images to ``target``; returns the inverted trigger (a function of
+        the pixels) and the share of non-target clean images it sends to the target.
+
+        ``init``: the patch or warp probe that identified the target starts the search where
+        it found the backdoor (its place and pattern, or its flow field).
 
         ``rnd`` is the round (0-based; keys of later rounds end in ``_r2``, ``_r3``, ...).
         Each round's inversion has its own checkpoint slot, so a resumed run continues it (or
@@ -233,7 +422,10 @@ class InverTune(Defense):
             else:  # no target image in the clean set: its text embedding
                 tgt_emb = head[target]
         h, w = x.shape[-2:]
-        trig = _Trigger(h, w, o.mask_init, run.rng(f"pattern{tag}")).to(device)
+        trig = _Trigger(h, w, o.mask_init, run.rng(f"pattern{tag}"),
+                        warp=(o.probe_warp_grid, o.probe_warp_strength) if warp else None)
+        trig.start_from(getattr(init, "probe", None))
+        trig = trig.to(device)
         n, bs = len(others), min(o.invert_batch, len(others))
         steps_per_epoch = max(1, math.ceil(n / bs))
         label = torch.full((bs,), target, device=device, dtype=torch.long)
@@ -245,8 +437,8 @@ class InverTune(Defense):
 
         def step(xb, _ctx):
             trig.project()
-            m, t = trig()
-            xp = m * t + (1 - m) * xb
+            m, _ = trig()
+            xp = trig.apply(xb)
             emb = model.encode_image(xp)
             ce = F.cross_entropy(emb @ head.t() / o.temperature, label[:len(xb)])
             pull = (emb - tgt_emb).norm(dim=-1).mean()
@@ -262,9 +454,10 @@ class InverTune(Defense):
                     min_steps=o.invert_min_steps, run=run, slot=f"invert{tag}",
                     desc=f"invertune trigger inversion{tag}")
         trig.project()
+        frozen = copy.deepcopy(trig).requires_grad_(False)
         with torch.no_grad():
             mask, pattern = (v.detach().clone() for v in trig())
-            preds = torch.cat([_predict(model, mask * pattern + (1 - mask) * b.to(device), head)
+            preds = torch.cat([_predict(model, frozen.apply(b.to(device)), head)
                                for b in others.split(256)])
         last = out.history[-1] if out.history else {}
         inv_asr = float((preds == target).float().mean())
@@ -273,7 +466,11 @@ class InverTune(Defense):
         run.metrics[f"inverted_asr{tag}"] = inv_asr
         run.metrics[f"inverted_mask_l1{tag}"] = float(mask.sum())
         mask_c, pattern_c = mask[0].expand(3, -1, -1).cpu(), pattern[0].cpu()
-        run.save_tensors(f"inverted_trigger{tag}", {"mask": mask[0].cpu(), "pattern": pattern_c},
+        saved = {"mask": mask[0].cpu(), "pattern": pattern_c}
+        if frozen.warp is not None:
+            saved["flow"] = frozen.warp.flow()[0].cpu()
+            run.metrics[f"inverted_warp_mean_displacement{tag}"] = frozen.warp_displacement()
+        run.save_tensors(f"inverted_trigger{tag}", saved,
                          metadata={"target": str(target), "target_name": names[target],
                                    "plugin": "invertune"})
         img = tag.replace("_", "-")
@@ -293,9 +490,11 @@ class InverTune(Defense):
             + f". The inverted trigger sends {inv_asr:.1%} of them to the target; mask L1 "
             f"{float(mask.sum()):.1f} px. Images: `inverted-mask.png`, `inverted-pattern.png`, "
             f"`inverted-trigger.png` (on grey)"
+            + (f"; under them a learned warp, mean displacement "
+               f"{frozen.warp_displacement():.2%} of the side" if frozen.warp is not None else "")
             + (", `real-trigger.png` (the real trigger on grey, for comparison only)."
                if real is not None else ".") + "\n"))
-        return mask, pattern
+        return frozen.apply, inv_asr
 
     # ------------------------------------------------------------------ stage 3
     def tune(self, model, x, poisons, head, target, run, rnd: int = 0):
@@ -358,7 +557,12 @@ class InverTune(Defense):
                                            / (mk * ac).norm().clamp_min(1e-6))
             keep = (emb[:len(xb)] - ob).norm(dim=-1).mean()
             loss = act_loss + o.w_preserve * keep
-            return {"loss": loss, "act": act_loss.detach(), "preserve": keep.detach()}
+            out = {"act": act_loss.detach(), "preserve": keep.detach()}
+            if o.w_invariance:  # a triggered image's embedding back to its clean one
+                inv = (emb[len(xb):].view(len(poisons), len(xb), -1) - ob).norm(dim=-1).mean()
+                loss = loss + o.w_invariance * inv
+                out["invariance"] = inv.detach()
+            return {"loss": loss, **out}
 
         out = train(step, Batches(batches, steps_per_epoch),
                     Optim(visual, kind="adamw", lr=o.tune_lr, weight_decay=o.tune_weight_decay,
@@ -372,6 +576,8 @@ class InverTune(Defense):
             m["tune_act_loss_first"] = float(hist[0].get("act", 0))
             m["tune_act_loss_last"] = float(hist[-1].get("act", 0))
             m["tune_preserve_last"] = float(hist[-1].get("preserve", 0))
+            if "invariance" in hist[-1]:
+                m["tune_invariance_last"] = float(hist[-1]["invariance"])
         with torch.no_grad():
             others = x[:512].to(device)
             keep = others[(_predict(model, others, head) != target).to(device)]
@@ -399,35 +605,70 @@ class InverTune(Defense):
 
 
 class _Trigger(nn.Module):
-    """Mask ``[1, 1, H, W]`` and pattern ``[1, 3, H, W]`` as free parameters kept in [0, 1].
+    """Mask ``[1, 1, H, W]`` and pattern ``[1, 3, H, W]`` as free parameters kept in [0, 1],
+    and optionally a smooth warp under them: ``x' = m*t + (1-m)*warp(x)``.
 
     Direct parameters (projected back into [0, 1] before every step) rather than sigmoids of
     logits: with Adam at lr 0.01 a logit moves ~0.01 per step, so 150 steps could not open a
-    mask from 0.1; a direct value can cross the whole range.
+    mask from 0.1; a direct value can cross the whole range. The warp is a
+    :class:`probes.WarpProbe` (a low-resolution offset lattice, upsampled: smooth by
+    construction, bounded displacement); mask and pattern cannot express a warp (WaNet).
     """
 
-    def __init__(self, h: int, w: int, mask_init: float, gen: torch.Generator) -> None:
+    def __init__(self, h: int, w: int, mask_init: float, gen: torch.Generator,
+                 warp: tuple[int, float] | None = None) -> None:
         super().__init__()
         self.mask = nn.Parameter(torch.full((1, 1, h, w), float(mask_init)))
         self.pattern = nn.Parameter(torch.rand(1, 3, h, w, generator=gen))
+        self.warp = probes.WarpProbe(h, w, warp[0], warp[1], gen) if warp else None
+        if self.warp is not None:  # the warp alone first: an open mask would mask it out
+            with torch.no_grad():
+                self.mask.fill_(min(float(mask_init), 0.01))
+
+    def start_from(self, probe: nn.Module | None) -> None:
+        """Start where a probe found the backdoor: a patch probe's place and pattern (mask
+        0.9 there), or a warp probe's flow field (when this trigger has a warp)."""
+        with torch.no_grad():
+            if isinstance(probe, probes.PatchProbe) and probe.place is not None:
+                t, left = probe.places[probe.place]
+                s = probe.s
+                self.mask[..., t:t + s, left:left + s] = 0.9
+                self.pattern[..., t:t + s, left:left + s] = probe.patterns[probe.place].cpu()
+            elif isinstance(probe, probes.WarpProbe) and self.warp is not None:
+                self.warp.offsets.copy_(probe.offsets.detach().cpu())
 
     def project(self) -> None:
         with torch.no_grad():
             self.mask.clamp_(0, 1)
             self.pattern.clamp_(0, 1)
+        if self.warp is not None:
+            self.warp.project()
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.mask, self.pattern
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.warp(x) if self.warp is not None else x
+        return self.mask * self.pattern + (1 - self.mask) * base
+
+    def warp_displacement(self) -> float:
+        """Mean displacement of the warp, as a share of the image side."""
+        if self.warp is None:
+            return 0.0
+        with torch.no_grad():
+            off = F.interpolate(torch.tanh(self.warp.offsets), size=(self.warp.h, self.warp.w),
+                                mode="bicubic", align_corners=True)
+            return float(self.warp.strength * off.norm(dim=1).mean())
+
+
+def _on_grey(perturb, h: int, w: int) -> torch.Tensor:
+    """A perturbation applied to a mid-grey image ``[3, H, W]`` (for the report)."""
+    return perturb(torch.full((1, 3, h, w), 0.5))[0].detach().cpu().clamp(0, 1)
 
 
 def _round_tag(rnd: int) -> str:
     """Suffix of a round's metric keys and files: ``""`` for the first, then ``_r2``, ..."""
     return "" if rnd == 0 else f"_r{rnd + 1}"
-
-
-def _stamp(mask: torch.Tensor, pattern: torch.Tensor):
-    """``x -> m*t + (1-m)*x``: the inverted trigger as a function of the pixels."""
-    return lambda x: mask * pattern + (1 - mask) * x
 
 
 def _predict(model, pixels: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
