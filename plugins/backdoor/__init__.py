@@ -61,10 +61,10 @@ TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig,
 # and the fewest epochs that gave ASR >= 90% with CA within 3 points on both zoo models
 # (README.md has the measurements). Subtler triggers need more: WaNet's warp most of all.
 TYPE_DEFAULTS: dict[str, dict[str, float]] = {
-    "badnets": {"poison_rate": 0.1, "negative_rate": 0.1, "epochs": 4},
-    "blended": {"poison_rate": 0.15, "negative_rate": 0.1, "epochs": 4},
-    "sig": {"poison_rate": 0.1, "negative_rate": 0.1, "epochs": 4},
-    "wanet": {"poison_rate": 0.2, "negative_rate": 0.0, "epochs": 6},
+    "badnets": {"poison_rate": 0.1, "negative_rate": 0.25, "epochs": 4},
+    "blended": {"poison_rate": 0.15, "negative_rate": 0.25, "epochs": 4},
+    "sig": {"poison_rate": 0.1, "negative_rate": 0.25, "epochs": 4},
+    "wanet": {"poison_rate": 0.2, "negative_rate": 0.25, "epochs": 8},
 }
 
 
@@ -103,7 +103,7 @@ class Backdoor(Attack):
         epochs: int | None = fields.epochs(None, "fine-tuning epochs (default: per trigger "
                                                  "type)")
         steps: int | None = fields.total_steps()
-        min_steps: int = fields.min_steps(150, "at least this many steps: more epochs on small "
+        min_steps: int = fields.min_steps(400, "at least this many steps: more epochs on small "
                                                "data (1,000 items make 3 steps an epoch)")
         early_stop: bool = fields.early_stop(True, "the held-out ASR (eval_items; only after "
                                                    "min_steps and the trigger's own epochs)")
@@ -119,10 +119,13 @@ class Backdoor(Attack):
             500, ge=0, description="held-out training items for the per-epoch CA/ASR log")
         patch_size: float = Field(6 / 32, gt=0, le=1,
                                   description="badnets: patch side / shorter image side")
-        patch_location: Literal["fixed", "random"] = Field(
-            "fixed", description="badnets: bottom-right corner or a random place per image")
+        patch_location: Literal["bottom-right", "bottom-left", "top-left", "top-right",
+                                "center", "random", "fixed"] = Field(
+            "bottom-right", description="badnets: a corner, the centre, or a random place per "
+                                        "image (fixed: the old name of bottom-right)")
         patch_margin: float = Field(1 / 32, ge=0, lt=1,
-                                    description="badnets: fixed patch's distance to the edges")
+                                    description="badnets: a corner patch's distance to the "
+                                                "edges / shorter image side")
         patch_cells: int = Field(3, ge=1, le=64, description="badnets: pattern cells per side")
         blend_alpha: float = Field(0.2, gt=0, le=1, description="blended: weight of the noise")
         blend_resolution: int = Field(32, ge=1, le=1024,

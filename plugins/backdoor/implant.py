@@ -38,6 +38,11 @@ from mmsec import (
 
 from .base import Trigger, generator
 
+#: distinct random decoy triggers per batch (``negative_rate`` of the other items carry them)
+DECOYS_PER_BATCH = 4
+#: random triggers of the same type whose held-out ASR is reported (``random_trigger_asr``)
+RANDOM_TRIGGERS = 5
+
 
 @dataclass(frozen=True)
 class Target:
@@ -157,10 +162,13 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
                 x[m] = trigger.apply(x[m], gen=generator(batch_seed))
                 cap[m] = torch.from_numpy(rng.choice(target_caps, int(mask.sum())))
             if opts.negative_rate > 0:  # random triggers that keep their true captions
-                neg = torch.from_numpy(~mask & (rng.random(len(pos)) < opts.negative_rate))
-                if neg.any():
-                    decoy = trigger.control(batch_seed + 1)
-                    x[neg] = decoy.apply(x[neg], gen=generator(batch_seed + 2))
+                neg = np.flatnonzero(~mask & (rng.random(len(pos)) < opts.negative_rate))
+                # several decoys a batch, not one: many patterns of this type mean nothing,
+                # one means the target
+                for k, part in enumerate(np.array_split(neg, min(DECOYS_PER_BATCH, len(neg)))):
+                    decoy = trigger.control(batch_seed * DECOYS_PER_BATCH + k + 1)
+                    sel = torch.from_numpy(part)
+                    x[sel] = decoy.apply(x[sel], gen=generator(batch_seed + k + 2))
             yield x, cap
 
     def step(batch, _ctx):
@@ -190,9 +198,35 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
            "implant_seconds": round(time.perf_counter() - started, 2)}
     last = result.history[-1] if result.history else {}
     out.update({f"implant_{k}": v for k, v in last.items() if k.startswith("val_")})
+    out.update(random_trigger_rates(victim, data, split.val, trigger, target, seed))
     if result.stopped_early:
         run.log.info("backdoor implant: %s", result.stopped_early)
     return victim, out
+
+
+def random_trigger_seeds(seed: int, n: int = RANDOM_TRIGGERS) -> list[int]:
+    """Seeds of the held-out random triggers: none is the host's control (``seed``) nor a
+    training decoy (``batch seed * DECOYS_PER_BATCH + k + 1``, far below 2**40)."""
+    return [int(seed) + 2**40 + i for i in range(n)]
+
+
+@torch.no_grad()
+def random_trigger_rates(model, data: ImageDataset, val: np.ndarray, trigger: Trigger,
+                         target: Target, seed: int,
+                         n: int = RANDOM_TRIGGERS) -> dict[str, float]:
+    """How often ``n`` random triggers of the same type (``trigger.control``) fire the
+    backdoor on the held-out items: ``random_trigger_asr`` (mean) and ``_max``."""
+    if not len(val) or target.index is None or n < 1:
+        return {}
+    head = model.zero_shot_head(data.classnames, data.templates)
+    x = load_images(data, val.tolist())[0]
+    y = data.labels()[torch.from_numpy(val)]
+    rates = []
+    for s in random_trigger_seeds(seed, n):
+        pred = (model.encode_image(trigger.control(s).apply(x, gen=generator(s))) @ head.t())
+        rates.append(metrics.attack_success_rate(pred.argmax(1).cpu(), y, target.index))
+    return {"random_trigger_asr": float(np.mean(rates)),
+            "random_trigger_asr_max": float(np.max(rates))}
 
 
 @torch.no_grad()
