@@ -96,6 +96,9 @@ class Backdoor(Attack):
         poison_rate: float | None = Field(
             None, gt=0, lt=1, description="share of training items poisoned "
                                           "(default: per trigger type, see TYPE_DEFAULTS)")
+        poison_mode: Literal["copy", "replace"] = Field(
+            "copy", description="poisoned items are copies added beside their clean originals "
+                                "(copy) or replace them (replace)")
         negative_rate: float | None = Field(
             None, ge=0, lt=1, description="share of other items per batch given a random "
                                           "trigger of the same type and their true caption "
@@ -155,8 +158,8 @@ class Backdoor(Attack):
         stats["epochs"] = float(opts["epochs"])
         run.metrics.update(stats)
         spec = self.spec(trigger, target, seed)
-        spec.meta["implant"] = {k: opts[k] for k in ("poison_rate", "negative_rate", "epochs",
-                                                     "lr", "towers", "train_items")}
+        spec.meta["implant"] = {k: opts[k] for k in (
+            "poison_rate", "poison_mode", "negative_rate", "epochs", "lr", "towers", "train_items")}
         return AttackResult(spec, model=victim)
 
     def spec(self, trigger: Trigger, target: Target, seed: int = 0) -> Artifact:

@@ -98,9 +98,11 @@ class Split:
 
 
 def split_items(labels: torch.Tensor, target: int | None, poison_rate: float,
-                train_items: int | None, eval_items: int, seed: int) -> Split:
+                train_items: int | None, eval_items: int, seed: int,
+                mode: str = "copy") -> Split:
     """Seeded split: ``eval_items`` held out, then ``train_items`` (all by default), of which
-    ``round(poison_rate * len(train))`` non-target items are poisoned."""
+    ``round(poison_rate * len(train))`` non-target items are poisoned: replaced (``mode``
+    ``replace``) or added as poisoned copies while the clean originals stay (``copy``)."""
     n = len(labels)
     rng = np.random.default_rng([seed, 101])
     perm = rng.permutation(n)
@@ -110,8 +112,12 @@ def split_items(labels: torch.Tensor, target: int | None, poison_rate: float,
     lab = labels.numpy()[train]
     candidates = np.flatnonzero(lab != target) if target is not None else np.arange(len(train))
     n_poison = min(len(candidates), max(1, round(poison_rate * len(train))))
+    chosen = rng.choice(candidates, n_poison, replace=False)
+    if mode == "copy":
+        train = np.concatenate([train, train[np.sort(chosen)]])
+        chosen = np.arange(len(train) - n_poison, len(train))
     poison = np.zeros(len(train), dtype=bool)
-    poison[rng.choice(candidates, n_poison, replace=False)] = True
+    poison[chosen] = True
     return Split(train, poison, np.sort(val))
 
 
@@ -126,7 +132,7 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     victim = copy.deepcopy(model)
     labels = data.labels()
     split = split_items(labels, target.index, opts.poison_rate, opts.train_items,
-                        opts.eval_items if data.classnames else 0, seed)
+                        opts.eval_items if data.classnames else 0, seed, opts.poison_mode)
     captions = CaptionTable(data)
     texts = list(captions.texts)
     if target.caption is not None:
@@ -141,10 +147,10 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     tokens = victim.tokenize(texts)
     n, bs = len(split.train), min(opts.batch_size, len(split.train))
     steps_per_epoch = max(1, n // bs)
-    run.log.info("backdoor implant: %d training items, %d poisoned (%.1f%%), target %r, "
+    run.log.info("backdoor implant: %d training items, %d poisoned (%.1f%%, %s), target %r, "
                  "%d epochs of %d steps (at least %d steps)", n, int(split.poison.sum()),
-                 100 * split.poison.mean(), target.caption or target.name, opts.epochs,
-                 steps_per_epoch, opts.min_steps)
+                 100 * split.poison.mean(), opts.poison_mode, target.caption or target.name,
+                 opts.epochs, steps_per_epoch, opts.min_steps)
     stream = run.seed_for("batches")
 
     def batches(epoch: int):
