@@ -169,6 +169,22 @@ def test_target_from_name_index_caption_or_default(zoo_model, shapes_test):
         resolve_target("42", shapes_test, zoo_model)
 
 
+def test_poisoned_copies_keep_their_clean_originals():
+    from mmsec_plugins.backdoor.implant import split_items
+
+    labels = torch.arange(1000) % 10
+    copy = split_items(labels, 0, 0.1, 800, 100, seed=1)
+    replace = split_items(labels, 0, 0.1, 800, 100, seed=1, mode="replace")
+    for s in (copy, replace):
+        assert int(s.poison.sum()) == 80 and (labels[s.train[s.poison]] != 0).all()
+        assert not set(s.val) & set(s.train)
+    assert len(copy.train) == 880 and len(replace.train) == 800
+    clean = set(copy.train[~copy.poison].tolist())
+    assert clean == set(replace.train.tolist())  # the same 800 items, all clean once
+    assert set(copy.train[copy.poison].tolist()) <= clean
+    assert not set(replace.train[replace.poison].tolist()) & set(replace.train[~replace.poison])
+
+
 # ------------------------------------------------------------------------------ implants
 # A short schedule on 3,000 training items: enough for a clear backdoor in well under a
 # minute; the defaults (all 20,000 items, 4 epochs) are what the reported table uses.
