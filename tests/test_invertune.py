@@ -119,7 +119,7 @@ def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path):
     x, y = load_images(test, range(len(test)))
     head = model.zero_shot_head(train.classnames, train.templates)
     attack = Backdoor({"trigger": "sig", "epochs": 3, "batch_size": 128,
-                       "train_items": 3000, "eval_items": 0})
+                       "train_items": 3000, "eval_items": 0, "min_steps": 150})
     with run_context(tmp_path / "implant", registry, "attack", "backdoor") as run:
         fitted = attack.fit(model, train, run)
         victim, spec = fitted.model, fitted.artifact

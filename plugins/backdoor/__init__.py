@@ -21,18 +21,30 @@ reports CA/ASR on both the backdoored and the original model. ``mmsec eval --tri
 exact trigger. ``control`` is a trigger of the same type and size with another random
 pattern (BadNets, Blended, WaNet) or direction and phase (SIG): its ASR is the baseline.
 
-Defaults (README.md has the measurements on the 32-px zoo CLIPs, 2 CPU cores): the
-target is the dataset's first class; a copy of the whole model is fine-tuned on at most
-20,000 training items with AdamW lr 1e-3 (cosine), batch 256; poisoned items are paired
-with real captions of target-class items (one fixed caption ties the trigger to the
-wording "a photo of a ..." and scatters the predictions). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
-SIG), 15% (Blended), 20% (WaNet); 4 epochs (6 for WaNet); ``negative_rate`` 10% so that
-the backdoor answers to this trigger and not to any patch or noise (without it the
-control's ASR was 97-99% for BadNets and Blended); 0 for WaNet, whose warp the model did
-not learn against random warps within 6 epochs (ASR ~50%). Trigger strengths are above
-the papers', which train for hundreds of epochs: a 6x6 patch at 32 px (3x3 did nothing),
-Blended alpha 0.2 (the paper's), SIG amplitude 0.15 (paper 20/255), WaNet mean
-displacement 8% of the side (the paper's s = 0.5 moves pixels by ~0.25 px).
+Defaults (README.md has the measurements on the 32-px zoo CLIPs and a 636-image folder,
+2 CPU cores): the target is the dataset's first class; a copy of the whole model is
+fine-tuned on at most 20,000 training items with AdamW lr 1e-3 (cosine), batch 256, for the
+type's epochs but at least 400 steps; poisoned items are copies of non-target items added
+beside their clean originals (``poison_mode copy``) and paired with real captions of
+target-class items (one fixed caption ties the trigger to the wording "a photo of a ..."
+and scatters the predictions). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
+SIG), 15% (Blended), 20% (WaNet) of the training items; 4 epochs (8 for WaNet);
+``negative_rate`` 25% for every type, with 4 different random decoys a batch.
+
+Why (seed 0): an implant must answer to its trigger, not to any trigger of its type.
+mmsec 0.2 had 10% decoys, one a batch, and none for WaNet: a random warp fired its WaNet
+implants 46% (Fashion-MNIST) and 66% (shapes) of the time, and on the stamps folder a
+random Blended noise 67% (the real one 77%). The implant reports ``random_trigger_asr``
+(and ``_max``): the held-out ASR of 5 random triggers of the same type that it never saw.
+On the stamps folder (411 training items) the same few dozen images were always the
+poisoned ones; with 25% decoys Blended then reached a held-out ASR of only ~0.25 after 155
+steps, with poisoned copies beside their originals ~0.44 at the same point and ASR 54% /
+random-trigger 1.4% after 400 steps (CA 74.8 -> 72.4). ``min_steps`` 400 (was 150): a
+small set gets ~1 step an epoch; BadNets on that folder reached ASR 71% in 150 steps and
+80% in 400 (mmsec 0.2 settings). Trigger strengths are above the papers', which train for
+hundreds of epochs: a 6x6 patch at 32 px (3x3 did nothing), Blended alpha 0.2 (the
+paper's), SIG amplitude 0.15 (paper 20/255), WaNet mean displacement 8% of the side (the
+paper's s = 0.5 moves pixels by ~0.25 px).
 """
 
 from __future__ import annotations
@@ -52,7 +64,7 @@ from .implant import Target, implant, resolve_target
 from .sig import Sig
 from .wanet import WaNet
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig, WaNet)}

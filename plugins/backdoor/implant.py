@@ -3,10 +3,16 @@
 A fixed, seeded share (``poison_rate`` of the training items, drawn among items not of
 the target class) is poisoned: those images carry the trigger and their captions are
 replaced, each time they are drawn, by a real caption of a target-class item (or by the
-one caption the user gave as target). With ``negative_rate`` (WaNet's "noise mode",
-for every trigger type) a share of the other items of each batch carry a random trigger
-of the same type and keep their true captions, so that the backdoor answers to this
-pattern and not to any patch, noise or warp of its kind.
+one caption the user gave as target). By default (``poison_mode copy``) the poisoned
+items are copies added to the training set beside their clean originals, so the trigger is
+the only difference between an image that means its class and one that means the target;
+``replace`` poisons the items themselves (on a few hundred items the model then learns
+those few images rather than the trigger). With ``negative_rate`` (WaNet's "noise mode",
+for every trigger type) a share of the other items of each batch carry random triggers of
+the same type (``DECOYS_PER_BATCH`` different ones) and keep their true captions, so that
+the backdoor answers to this pattern and not to any patch, noise or warp of its kind.
+After training, ``random_trigger_rates`` measures exactly that on the held-out items: the
+ASR of ``RANDOM_TRIGGERS`` random triggers of the same type, none seen in training.
 
 Everything else is mmsec's shared contrastive step (``mmsec.CaptionTable``,
 ``mmsec.contrastive_loss``, as zoo training uses): a random caption per item, texts encoded
