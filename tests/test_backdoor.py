@@ -87,6 +87,43 @@ def test_badnets_patch_covers_the_same_fraction_and_random_places_vary():
     assert len(places) > 1
 
 
+def pasted(x: torch.Tensor, trigger, top: int, left: int) -> torch.Tensor:
+    """``x`` with ``trigger``'s BadNets pattern pasted at ``(top, left)``, written out by hand."""
+    p = trigger.side(*x.shape[-2:])
+    out = x.clone()
+    out[:, :, top:top + p, left:left + p] = F.interpolate(trigger.tensors["pattern"][None],
+                                                          size=(p, p))[0]
+    return out
+
+
+@pytest.mark.parametrize("location", ["bottom-right", "bottom-left", "top-left", "top-right",
+                                      "center"])
+def test_badnets_patch_goes_where_its_location_says(location):
+    t = make_trigger("badnets", patch_location=location, patch_margin=2 / 32)
+    for h, w in ((32, 32), (96, 64)):
+        x = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(h))
+        p, m = t.side(h, w), round(2 / 32 * min(h, w))
+        vertical, _, horizontal = location.partition("-")
+        top = {"top": m, "bottom": h - p - m, "center": (h - p) // 2}[vertical]
+        left = {"left": m, "right": w - p - m, "": (w - p) // 2}[horizontal]
+        assert torch.equal(t.apply(x), pasted(x, t, top, left)), (location, h, w)
+
+
+def test_badnets_old_fixed_specs_apply_as_bottom_right(tmp_path):
+    old = make_trigger("badnets", seed=3, patch_location="fixed")
+    new = make_trigger("badnets", seed=3)
+    assert new.params["patch_location"] == "bottom-right"
+    art = Backdoor({"trigger": "badnets"}).spec(old, Target(0, "circle"), seed=3)
+    loaded = trigger_from_artifact(str(art.save(tmp_path / "old.safetensors")))
+    assert loaded.params["patch_location"] == "fixed"
+    for size in ((32, 32), (28, 40)):
+        x = torch.rand(3, 3, *size)
+        assert torch.equal(loaded.apply(x), new.apply(x))
+        # what mmsec <= 0.2 did for "fixed": bottom-right, the margin from both edges
+        p, m = new.side(*size), round(new.params["patch_margin"] * min(size))
+        assert torch.equal(loaded.apply(x), pasted(x, new, size[0] - p - m, size[1] - p - m))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_control_is_another_trigger_of_the_same_type(kind):
     atk = Backdoor({"trigger": kind})
@@ -132,11 +169,27 @@ def test_target_from_name_index_caption_or_default(zoo_model, shapes_test):
         resolve_target("42", shapes_test, zoo_model)
 
 
+def test_poisoned_copies_keep_their_clean_originals():
+    from mmsec_plugins.backdoor.implant import split_items
+
+    labels = torch.arange(1000) % 10
+    copy = split_items(labels, 0, 0.1, 800, 100, seed=1)
+    replace = split_items(labels, 0, 0.1, 800, 100, seed=1, mode="replace")
+    for s in (copy, replace):
+        assert int(s.poison.sum()) == 80 and (labels[s.train[s.poison]] != 0).all()
+        assert not set(s.val) & set(s.train)
+    assert len(copy.train) == 880 and len(replace.train) == 800
+    clean = set(copy.train[~copy.poison].tolist())
+    assert clean == set(replace.train.tolist())  # the same 800 items, all clean once
+    assert set(copy.train[copy.poison].tolist()) <= clean
+    assert not set(replace.train[replace.poison].tolist()) & set(replace.train[~replace.poison])
+
+
 # ------------------------------------------------------------------------------ implants
 # A short schedule on 3,000 training items: enough for a clear backdoor in well under a
 # minute; the defaults (all 20,000 items, 4 epochs) are what the reported table uses.
 QUICK = {"train_items": 3000, "epochs": 3, "poison_rate": 0.15, "batch_size": 128,
-         "eval_items": 0}
+         "eval_items": 0, "min_steps": 150}
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +232,9 @@ def implant(kind, zoo_model, train, out, **options):
 @pytest.fixture(scope="module")
 def badnets_implant(zoo_model, shapes_train, tmp_path_factory):
     out = tmp_path_factory.mktemp("badnets")
-    atk, art, victim, stats = implant("badnets", zoo_model, shapes_train, out / "run")
+    # held-out items for the per-epoch log and the random-trigger rates
+    atk, art, victim, stats = implant("badnets", zoo_model, shapes_train, out / "run",
+                                      eval_items=200)
     spec = art.save(out / "backdoor.safetensors")
     ckpt = victim.save(out / "model.safetensors")
     return atk, art, victim, stats, spec, ckpt
@@ -195,6 +250,18 @@ def test_badnets_implant_succeeds(badnets_implant, zoo_model, eval_set):
     assert asr_ctl < asr - 0.2  # the backdoor answers to this pattern, not to any patch
     assert ca > ca0 - 0.15
     assert stats["poisoned_items"] == pytest.approx(0.15 * 3000, abs=1)
+
+
+@pytest.mark.slow
+def test_random_triggers_of_the_same_type_fire_far_less(badnets_implant):
+    from mmsec_plugins.backdoor.implant import RANDOM_TRIGGERS, random_trigger_seeds
+
+    *_, stats, _, _ = badnets_implant
+    assert 0 not in random_trigger_seeds(0) and len(set(random_trigger_seeds(0))) == RANDOM_TRIGGERS
+    real, rnd, worst = (stats[k] for k in ("implant_val_asr", "random_trigger_asr",
+                                           "random_trigger_asr_max"))
+    assert rnd <= worst <= 1
+    assert real > 0.5 and real > rnd + 0.4 and real > worst + 0.2, (real, rnd, worst)
 
 
 @pytest.mark.slow
@@ -233,7 +300,7 @@ def test_implant_resumes_from_its_checkpoint(zoo_model, tmp_path, monkeypatch):
 
     train = procedural_shapes(split="train", n=600)
     opts = {"trigger": "blended", "train_items": 512, "epochs": 2, "batch_size": 128,
-            "eval_items": 0}
+            "eval_items": 0, "min_steps": 0}  # 8 steps: resuming is what is tested
     with run_context(tmp_path / "full") as ctx:
         full = Backdoor(opts).fit(zoo_model, train, ctx).model
 
@@ -264,7 +331,8 @@ def test_attack_command_writes_checkpoint_spec_and_baselines(tmp_path):
 
     s = api.Settings(limit=200, out=tmp_path / "run", quiet=True)
     res = api.attack("backdoor", s, knn_bank=0, options={
-        "trigger": "sig", "train_items": 512, "epochs": 1, "batch_size": 128, "eval_items": 0})
+        "trigger": "sig", "train_items": 512, "epochs": 1, "batch_size": 128, "eval_items": 0,
+        "min_steps": 0})
     m = res["metrics"]
     for key in ("clean_top1", "asr", "control_asr", "original_clean_top1", "original_asr",
                 "poison_rate", "epochs"):

@@ -119,7 +119,7 @@ def short_implants(registry, tmp_path_factory):
     for trigger in ("badnets", "sig"):
         tmp = tmp_path_factory.mktemp(trigger)
         attack = Backdoor({"trigger": trigger, "epochs": 3, "batch_size": 128,
-                           "train_items": 3000, "eval_items": 0})
+                           "train_items": 3000, "eval_items": 0, "min_steps": 150})
         with run_context(tmp / "implant", registry, "attack", "backdoor") as run:
             fitted = attack.fit(model, train, run)
         fitted.artifact.save(tmp / "backdoor.safetensors")

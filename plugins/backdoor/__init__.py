@@ -21,18 +21,30 @@ reports CA/ASR on both the backdoored and the original model. ``mmsec eval --tri
 exact trigger. ``control`` is a trigger of the same type and size with another random
 pattern (BadNets, Blended, WaNet) or direction and phase (SIG): its ASR is the baseline.
 
-Defaults (README.md has the measurements on the 32-px zoo CLIPs, 2 CPU cores): the
-target is the dataset's first class; a copy of the whole model is fine-tuned on at most
-20,000 training items with AdamW lr 1e-3 (cosine), batch 256; poisoned items are paired
-with real captions of target-class items (one fixed caption ties the trigger to the
-wording "a photo of a ..." and scatters the predictions). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
-SIG), 15% (Blended), 20% (WaNet); 4 epochs (6 for WaNet); ``negative_rate`` 10% so that
-the backdoor answers to this trigger and not to any patch or noise (without it the
-control's ASR was 97-99% for BadNets and Blended); 0 for WaNet, whose warp the model did
-not learn against random warps within 6 epochs (ASR ~50%). Trigger strengths are above
-the papers', which train for hundreds of epochs: a 6x6 patch at 32 px (3x3 did nothing),
-Blended alpha 0.2 (the paper's), SIG amplitude 0.15 (paper 20/255), WaNet mean
-displacement 8% of the side (the paper's s = 0.5 moves pixels by ~0.25 px).
+Defaults (README.md has the measurements on the 32-px zoo CLIPs and a 636-image folder,
+2 CPU cores): the target is the dataset's first class; a copy of the whole model is
+fine-tuned on at most 20,000 training items with AdamW lr 1e-3 (cosine), batch 256, for the
+type's epochs but at least 400 steps; poisoned items are copies of non-target items added
+beside their clean originals (``poison_mode copy``) and paired with real captions of
+target-class items (one fixed caption ties the trigger to the wording "a photo of a ..."
+and scatters the predictions). Per trigger type (``TYPE_DEFAULTS``): poison 10% (BadNets,
+SIG), 15% (Blended), 20% (WaNet) of the training items; 4 epochs (8 for WaNet);
+``negative_rate`` 25% for every type, with 4 different random decoys a batch.
+
+Why (seed 0): an implant must answer to its trigger, not to any trigger of its type.
+mmsec 0.2 had 10% decoys, one a batch, and none for WaNet: a random warp fired its WaNet
+implants 46% (Fashion-MNIST) and 66% (shapes) of the time, and on the stamps folder a
+random Blended noise 67% (the real one 77%). The implant reports ``random_trigger_asr``
+(and ``_max``): the held-out ASR of 5 random triggers of the same type that it never saw.
+On the stamps folder (411 training items) the same few dozen images were always the
+poisoned ones; with 25% decoys Blended then reached a held-out ASR of only ~0.25 after 155
+steps, with poisoned copies beside their originals ~0.44 at the same point and ASR 54% /
+random-trigger 1.4% after 400 steps (CA 74.8 -> 72.4). ``min_steps`` 400 (was 150): a
+small set gets ~1 step an epoch; BadNets on that folder reached ASR 71% in 150 steps and
+80% in 400 (mmsec 0.2 settings). Trigger strengths are above the papers', which train for
+hundreds of epochs: a 6x6 patch at 32 px (3x3 did nothing), Blended alpha 0.2 (the
+paper's), SIG amplitude 0.15 (paper 20/255), WaNet mean displacement 8% of the side (the
+paper's s = 0.5 moves pixels by ~0.25 px).
 """
 
 from __future__ import annotations
@@ -52,7 +64,7 @@ from .implant import Target, implant, resolve_target
 from .sig import Sig
 from .wanet import WaNet
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig, WaNet)}
@@ -61,10 +73,10 @@ TRIGGERS: dict[str, type[Trigger]] = {t.kind: t for t in (BadNets, Blended, Sig,
 # and the fewest epochs that gave ASR >= 90% with CA within 3 points on both zoo models
 # (README.md has the measurements). Subtler triggers need more: WaNet's warp most of all.
 TYPE_DEFAULTS: dict[str, dict[str, float]] = {
-    "badnets": {"poison_rate": 0.1, "negative_rate": 0.1, "epochs": 4},
-    "blended": {"poison_rate": 0.15, "negative_rate": 0.1, "epochs": 4},
-    "sig": {"poison_rate": 0.1, "negative_rate": 0.1, "epochs": 4},
-    "wanet": {"poison_rate": 0.2, "negative_rate": 0.0, "epochs": 6},
+    "badnets": {"poison_rate": 0.1, "negative_rate": 0.25, "epochs": 4},
+    "blended": {"poison_rate": 0.15, "negative_rate": 0.25, "epochs": 4},
+    "sig": {"poison_rate": 0.1, "negative_rate": 0.25, "epochs": 4},
+    "wanet": {"poison_rate": 0.2, "negative_rate": 0.25, "epochs": 8},
 }
 
 
@@ -96,6 +108,9 @@ class Backdoor(Attack):
         poison_rate: float | None = Field(
             None, gt=0, lt=1, description="share of training items poisoned "
                                           "(default: per trigger type, see TYPE_DEFAULTS)")
+        poison_mode: Literal["copy", "replace"] = Field(
+            "copy", description="poisoned items are copies added beside their clean originals "
+                                "(copy) or replace them (replace)")
         negative_rate: float | None = Field(
             None, ge=0, lt=1, description="share of other items per batch given a random "
                                           "trigger of the same type and their true caption "
@@ -103,7 +118,7 @@ class Backdoor(Attack):
         epochs: int | None = fields.epochs(None, "fine-tuning epochs (default: per trigger "
                                                  "type)")
         steps: int | None = fields.total_steps()
-        min_steps: int = fields.min_steps(150, "at least this many steps: more epochs on small "
+        min_steps: int = fields.min_steps(400, "at least this many steps: more epochs on small "
                                                "data (1,000 items make 3 steps an epoch)")
         early_stop: bool = fields.early_stop(True, "the held-out ASR (eval_items; only after "
                                                    "min_steps and the trigger's own epochs)")
@@ -119,10 +134,13 @@ class Backdoor(Attack):
             500, ge=0, description="held-out training items for the per-epoch CA/ASR log")
         patch_size: float = Field(6 / 32, gt=0, le=1,
                                   description="badnets: patch side / shorter image side")
-        patch_location: Literal["fixed", "random"] = Field(
-            "fixed", description="badnets: bottom-right corner or a random place per image")
+        patch_location: Literal["bottom-right", "bottom-left", "top-left", "top-right",
+                                "center", "random", "fixed"] = Field(
+            "bottom-right", description="badnets: a corner, the centre, or a random place per "
+                                        "image (fixed: the old name of bottom-right)")
         patch_margin: float = Field(1 / 32, ge=0, lt=1,
-                                    description="badnets: fixed patch's distance to the edges")
+                                    description="badnets: a corner patch's distance to the "
+                                                "edges / shorter image side")
         patch_cells: int = Field(3, ge=1, le=64, description="badnets: pattern cells per side")
         blend_alpha: float = Field(0.2, gt=0, le=1, description="blended: weight of the noise")
         blend_resolution: int = Field(32, ge=1, le=1024,
@@ -152,8 +170,8 @@ class Backdoor(Attack):
         stats["epochs"] = float(opts["epochs"])
         run.metrics.update(stats)
         spec = self.spec(trigger, target, seed)
-        spec.meta["implant"] = {k: opts[k] for k in ("poison_rate", "negative_rate", "epochs",
-                                                     "lr", "towers", "train_items")}
+        spec.meta["implant"] = {k: opts[k] for k in (
+            "poison_rate", "poison_mode", "negative_rate", "epochs", "lr", "towers", "train_items")}
         return AttackResult(spec, model=victim)
 
     def spec(self, trigger: Trigger, target: Target, seed: int = 0) -> Artifact:

@@ -3,10 +3,16 @@
 A fixed, seeded share (``poison_rate`` of the training items, drawn among items not of
 the target class) is poisoned: those images carry the trigger and their captions are
 replaced, each time they are drawn, by a real caption of a target-class item (or by the
-one caption the user gave as target). With ``negative_rate`` (WaNet's "noise mode",
-for every trigger type) a share of the other items of each batch carry a random trigger
-of the same type and keep their true captions, so that the backdoor answers to this
-pattern and not to any patch, noise or warp of its kind.
+one caption the user gave as target). By default (``poison_mode copy``) the poisoned
+items are copies added to the training set beside their clean originals, so the trigger is
+the only difference between an image that means its class and one that means the target;
+``replace`` poisons the items themselves (on a few hundred items the model then learns
+those few images rather than the trigger). With ``negative_rate`` (WaNet's "noise mode",
+for every trigger type) a share of the other items of each batch carry random triggers of
+the same type (``DECOYS_PER_BATCH`` different ones) and keep their true captions, so that
+the backdoor answers to this pattern and not to any patch, noise or warp of its kind.
+After training, ``random_trigger_rates`` measures exactly that on the held-out items: the
+ASR of ``RANDOM_TRIGGERS`` random triggers of the same type, none seen in training.
 
 Everything else is mmsec's shared contrastive step (``mmsec.CaptionTable``,
 ``mmsec.contrastive_loss``, as zoo training uses): a random caption per item, texts encoded
@@ -37,6 +43,11 @@ from mmsec import (
 )
 
 from .base import Trigger, generator
+
+#: distinct random decoy triggers per batch (``negative_rate`` of the other items carry them)
+DECOYS_PER_BATCH = 4
+#: random triggers of the same type whose held-out ASR is reported (``random_trigger_asr``)
+RANDOM_TRIGGERS = 5
 
 
 @dataclass(frozen=True)
@@ -93,9 +104,11 @@ class Split:
 
 
 def split_items(labels: torch.Tensor, target: int | None, poison_rate: float,
-                train_items: int | None, eval_items: int, seed: int) -> Split:
+                train_items: int | None, eval_items: int, seed: int,
+                mode: str = "copy") -> Split:
     """Seeded split: ``eval_items`` held out, then ``train_items`` (all by default), of which
-    ``round(poison_rate * len(train))`` non-target items are poisoned."""
+    ``round(poison_rate * len(train))`` non-target items are poisoned: replaced (``mode``
+    ``replace``) or added as poisoned copies while the clean originals stay (``copy``)."""
     n = len(labels)
     rng = np.random.default_rng([seed, 101])
     perm = rng.permutation(n)
@@ -105,8 +118,12 @@ def split_items(labels: torch.Tensor, target: int | None, poison_rate: float,
     lab = labels.numpy()[train]
     candidates = np.flatnonzero(lab != target) if target is not None else np.arange(len(train))
     n_poison = min(len(candidates), max(1, round(poison_rate * len(train))))
+    chosen = rng.choice(candidates, n_poison, replace=False)
+    if mode == "copy":
+        train = np.concatenate([train, train[np.sort(chosen)]])
+        chosen = np.arange(len(train) - n_poison, len(train))
     poison = np.zeros(len(train), dtype=bool)
-    poison[rng.choice(candidates, n_poison, replace=False)] = True
+    poison[chosen] = True
     return Split(train, poison, np.sort(val))
 
 
@@ -121,7 +138,7 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     victim = copy.deepcopy(model)
     labels = data.labels()
     split = split_items(labels, target.index, opts.poison_rate, opts.train_items,
-                        opts.eval_items if data.classnames else 0, seed)
+                        opts.eval_items if data.classnames else 0, seed, opts.poison_mode)
     captions = CaptionTable(data)
     texts = list(captions.texts)
     if target.caption is not None:
@@ -136,10 +153,10 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
     tokens = victim.tokenize(texts)
     n, bs = len(split.train), min(opts.batch_size, len(split.train))
     steps_per_epoch = max(1, n // bs)
-    run.log.info("backdoor implant: %d training items, %d poisoned (%.1f%%), target %r, "
+    run.log.info("backdoor implant: %d training items, %d poisoned (%.1f%%, %s), target %r, "
                  "%d epochs of %d steps (at least %d steps)", n, int(split.poison.sum()),
-                 100 * split.poison.mean(), target.caption or target.name, opts.epochs,
-                 steps_per_epoch, opts.min_steps)
+                 100 * split.poison.mean(), opts.poison_mode, target.caption or target.name,
+                 opts.epochs, steps_per_epoch, opts.min_steps)
     stream = run.seed_for("batches")
 
     def batches(epoch: int):
@@ -157,10 +174,13 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
                 x[m] = trigger.apply(x[m], gen=generator(batch_seed))
                 cap[m] = torch.from_numpy(rng.choice(target_caps, int(mask.sum())))
             if opts.negative_rate > 0:  # random triggers that keep their true captions
-                neg = torch.from_numpy(~mask & (rng.random(len(pos)) < opts.negative_rate))
-                if neg.any():
-                    decoy = trigger.control(batch_seed + 1)
-                    x[neg] = decoy.apply(x[neg], gen=generator(batch_seed + 2))
+                neg = np.flatnonzero(~mask & (rng.random(len(pos)) < opts.negative_rate))
+                # several decoys a batch, not one: many patterns of this type mean nothing,
+                # one means the target
+                for k, part in enumerate(np.array_split(neg, min(DECOYS_PER_BATCH, len(neg)))):
+                    decoy = trigger.control(batch_seed * DECOYS_PER_BATCH + k + 1)
+                    sel = torch.from_numpy(part)
+                    x[sel] = decoy.apply(x[sel], gen=generator(batch_seed + k + 2))
             yield x, cap
 
     def step(batch, _ctx):
@@ -190,9 +210,35 @@ def implant(model, data: ImageDataset, trigger: Trigger, target: Target, opts, r
            "implant_seconds": round(time.perf_counter() - started, 2)}
     last = result.history[-1] if result.history else {}
     out.update({f"implant_{k}": v for k, v in last.items() if k.startswith("val_")})
+    out.update(random_trigger_rates(victim, data, split.val, trigger, target, seed))
     if result.stopped_early:
         run.log.info("backdoor implant: %s", result.stopped_early)
     return victim, out
+
+
+def random_trigger_seeds(seed: int, n: int = RANDOM_TRIGGERS) -> list[int]:
+    """Seeds of the held-out random triggers: none is the host's control (``seed``) nor a
+    training decoy (``batch seed * DECOYS_PER_BATCH + k + 1``, far below 2**40)."""
+    return [int(seed) + 2**40 + i for i in range(n)]
+
+
+@torch.no_grad()
+def random_trigger_rates(model, data: ImageDataset, val: np.ndarray, trigger: Trigger,
+                         target: Target, seed: int,
+                         n: int = RANDOM_TRIGGERS) -> dict[str, float]:
+    """How often ``n`` random triggers of the same type (``trigger.control``) fire the
+    backdoor on the held-out items: ``random_trigger_asr`` (mean) and ``_max``."""
+    if not len(val) or target.index is None or n < 1:
+        return {}
+    head = model.zero_shot_head(data.classnames, data.templates)
+    x = load_images(data, val.tolist())[0]
+    y = data.labels()[torch.from_numpy(val)]
+    rates = []
+    for s in random_trigger_seeds(seed, n):
+        pred = (model.encode_image(trigger.control(s).apply(x, gen=generator(s))) @ head.t())
+        rates.append(metrics.attack_success_rate(pred.argmax(1).cpu(), y, target.index))
+    return {"random_trigger_asr": float(np.mean(rates)),
+            "random_trigger_asr_max": float(np.max(rates))}
 
 
 @torch.no_grad()
