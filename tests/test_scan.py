@@ -212,3 +212,23 @@ def test_defend_command_runs_a_data_defense(exported, tmp_path):
     assert m["scan_items"] == sum(r["split"] == "train" for r in csv.DictReader(path.open()))
     assert not (tmp_path / "run" / "artifacts" / "model.safetensors").exists()
     assert (tmp_path / "run" / "artifacts" / "suspicious.csv").exists()
+
+
+def test_in_memory_data_gets_its_kept_images_written(zoo_model, tmp_path):
+    from mmsec.data import procedural_shapes
+    from mmsec.registry import get_registry
+
+    data = procedural_shapes(split="train", n=60)
+    with run_context(tmp_path / "run", "defend", "scan") as ctx:
+        Scan({"k": 4, "flag_rate": 0.05}).run_apply(zoo_model, data, ctx)
+        metrics = dict(ctx.metrics)
+    assert metrics["scan_flagged"] == 3 and "scan_poisoned" not in metrics
+    arts = tmp_path / "run" / "artifacts"
+    ranked = list(csv.DictReader((arts / "suspicious.csv").open()))
+    flagged = {int(r["index"]) for r in ranked[:3]}
+    cleaned = get_registry().load_dataset(f"captions:{arts / 'cleaned.csv'}", split="train")
+    assert len(cleaned) == 57
+    kept = sorted(int(f.stem) for f in cleaned.files)
+    assert kept == [i for i in range(60) if i not in flagged]
+    x = load_images(cleaned, [0])[0]
+    assert torch.equal((x * 255).round(), load_images(data, [kept[0]])[0] * 255)
