@@ -14,6 +14,7 @@ from mmsec_plugins.scan import Scan
 from mmsec_plugins.scan.scores import (
     Neighbourhoods,
     auroc,
+    misalignment,
     neighbourhoods,
     recall_at,
     score_all,
@@ -45,6 +46,14 @@ def test_scores_by_hand():
     assert s["dao"][0].item() == pytest.approx(dao0, rel=1e-5)
     assert s["dao"][1].item() == pytest.approx(dao1, rel=1e-5)
     assert s["density"].tolist() == pytest.approx([-math.log(2), -math.log(4), -math.log(4)])
+
+
+def test_misalignment_by_hand():
+    img = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    txt = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # item 0: captions 0 and 1 (cos 1 and 0); item 1: caption 1 (cos 1); item 2: none
+    s = misalignment(img, txt, torch.tensor([0, 0, 1]), torch.tensor([0, 1, 1]), 3)
+    assert s.tolist() == pytest.approx([-0.5, -1.0, -2.0])
 
 
 def test_neighbourhoods_match_brute_force_and_leave_self_out():
@@ -190,7 +199,8 @@ def test_scan_ranks_poisoned_pairs_first(exported, zoo_model, tmp_path):
     arts = tmp_path / "scan" / "artifacts"
     ranked = list(csv.DictReader((arts / "suspicious.csv").open()))
     assert len(ranked) == len(data) and ranked[0]["rank"] == "1"
-    assert {"path", "captions", "k_distance", "lid", "slof", "dao", "poisoned"} <= set(ranked[0])
+    assert {"path", "captions", "k_distance", "lid", "slof", "dao", "density", "misalignment",
+            "poisoned"} <= set(ranked[0])
     # the cleaned captions file: the source's rows minus the flagged 5% of train
     cleaned = get_registry().load_dataset(f"captions:{arts / 'cleaned.csv'}", split="train")
     assert len(cleaned) == len(data) - metrics["scan_flagged"]

@@ -6,6 +6,9 @@ pairs, the backdoor images' local neighbourhoods among the training images' embe
 look unlike clean ones, and cheap local outlier scores over k nearest neighbours find
 them: k-distance, SLOF, LID and DAO (``scores.py`` has the definitions; higher = more
 suspicious for each, as in the paper). k = 16 is the official detection script's default.
+Two more: ``density`` (k-distance the other way round: the poison of a heavily poisoned
+set is its densest region) and, when the items have captions, ``misalignment`` (minus the
+image-caption cosine similarity: the paper's CLIPScore baseline).
 
 ``mmsec defend -p scan -m MODEL -d DATA [--pretrained FILE]`` embeds the whole train split
 with the (suspect) model through the embedding cache, scores every item against a
@@ -39,9 +42,17 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mmsec import DataDefense, Options, UsageError, encode_images, hookimpl, write_atomic
+from mmsec import (
+    DataDefense,
+    Options,
+    UsageError,
+    encode_images,
+    encode_texts,
+    hookimpl,
+    write_atomic,
+)
 
-from .scores import SCORES, auroc, neighbourhoods, recall_at, score_all
+from .scores import auroc, misalignment, neighbourhoods, recall_at, score_all
 
 __version__ = "0.1.0"
 mmsec_api_version = 2
@@ -58,7 +69,7 @@ class Scan(DataDefense):
 
     class Options(Options):
         k: int = Field(16, ge=1, description="nearest neighbours per item (official default 16)")
-        score: Literal["k_distance", "lid", "slof", "dao", "density"] = Field(
+        score: Literal["k_distance", "lid", "slof", "dao", "density", "misalignment"] = Field(
             "k_distance", description="the score that ranks the items and picks what is "
                                       "flagged (all are computed and reported)")
         flag_rate: float = Field(0.05, gt=0, lt=1,
@@ -87,6 +98,9 @@ class Scan(DataDefense):
         nb = neighbourhoods(emb, opts.k, reference=opts.reference, seed=run.seed_for("scan"),
                             device=run.device)
         scores = score_all(nb)
+        scores.update(self._misalignment(model, data, emb, run))
+        if opts.score not in scores:
+            raise UsageError(f"scan: -o score {opts.score} needs captions; this data has none")
         run.durations["scan_score"] = round(time.perf_counter() - started, 3)
         order = torch.argsort(scores[opts.score], descending=True, stable=True)
         n_flag = min(n - 1, max(1, round(opts.flag_rate * n)))
@@ -101,6 +115,19 @@ class Scan(DataDefense):
         run.set("cleaned_captions", str(cleaned))
         self._report(data, scores, order, truth, n_flag, cleaned, run)
         return model
+
+    @staticmethod
+    def _misalignment(model, data, emb, run) -> dict[str, torch.Tensor]:
+        """``{"misalignment": [N]}`` when the items have captions, else ``{}``."""
+        caps = [data.captions(i) for i in range(len(data))]
+        if not any(caps):
+            return {}
+        texts = list(dict.fromkeys(c for cs in caps for c in cs))
+        row = {t: j for j, t in enumerate(texts)}
+        owner = torch.tensor([i for i, cs in enumerate(caps) for _ in cs], dtype=torch.long)
+        which = torch.tensor([row[c] for cs in caps for c in cs], dtype=torch.long)
+        temb = encode_texts(model, texts, run.cache)
+        return {"misalignment": misalignment(emb, temb, owner, which, len(data))}
 
     # ------------------------------------------------------------------ ground truth
     def _truth(self, data, run) -> torch.Tensor | None:
@@ -153,14 +180,15 @@ class Scan(DataDefense):
         names = list(data.classnames or [])
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["rank", "index", "path", "captions", "label", *SCORES,
+        names_ = list(scores)
+        w.writerow(["rank", "index", "path", "captions", "label", *names_,
                     *(["poisoned"] if truth is not None else [])])
-        cols = {name: scores[name].tolist() for name in SCORES}
+        cols = {name: scores[name].tolist() for name in names_}
         for rank, i in enumerate(order.tolist(), 1):
             y = int(labels[i])
             w.writerow([rank, i, self._where(data, i), "|".join(data.captions(i)),
                         names[y] if 0 <= y < len(names) else y,
-                        *(f"{cols[name][i]:.6g}" for name in SCORES),
+                        *(f"{cols[name][i]:.6g}" for name in names_),
                         *([int(truth[i])] if truth is not None else [])])
         return write_atomic(run.artifacts_dir / "suspicious.csv", buf.getvalue())
 
@@ -217,7 +245,7 @@ class Scan(DataDefense):
                       "| score | AUROC | recall@1% | recall@5% | recall@flagged |",
                       "|---|---|---|---|---|"]
             g = run.metrics
-            for name in SCORES:
+            for name in scores:
                 lines.append(f"| {name} | {g[f'scan_{name}_auroc']:.3f} | "
                              f"{g[f'scan_{name}_recall@1']:.3f} | "
                              f"{g[f'scan_{name}_recall@5']:.3f} | "

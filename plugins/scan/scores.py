@@ -39,7 +39,8 @@ import torch
 
 from mmsec import UsageError, VectorIndex
 
-__all__ = ["SCORES", "Neighbourhoods", "auroc", "neighbourhoods", "recall_at", "score_all"]
+__all__ = ["SCORES", "Neighbourhoods", "auroc", "misalignment", "neighbourhoods", "recall_at",
+           "score_all"]
 
 SCORES = ("k_distance", "lid", "slof", "dao", "density")
 """The scores ``score_all`` computes; higher is more suspicious for each."""
@@ -155,6 +156,25 @@ def score_all(nb: Neighbourhoods) -> dict[str, torch.Tensor]:
     }
     return {name: torch.nan_to_num(v, nan=0.0, posinf=1e6, neginf=-1e6).float()
             for name, v in out.items()}
+
+
+def misalignment(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor,
+                 caption: torch.Tensor, n: int) -> torch.Tensor:
+    """Minus the mean cosine similarity of each item's image to its captions (the paper's
+    CLIPScore baseline, negated so that higher is more suspicious), ``[n]``.
+
+    Args:
+        images: ``[n, D]`` image embeddings; texts: ``[T, D]`` caption embeddings.
+        owner, caption: ``[P]`` one (item, caption row) per image-caption pair.
+    Items without a caption get the lowest score.
+    """
+    img = torch.nn.functional.normalize(images.float(), dim=1)
+    txt = torch.nn.functional.normalize(texts.float(), dim=1)
+    cos = (img[owner] * txt[caption]).sum(1)
+    total = torch.zeros(n).index_add_(0, owner, cos)
+    count = torch.bincount(owner, minlength=n).float()
+    out = -total / count.clamp_min(1)
+    return torch.where(count > 0, out, torch.full_like(out, -2.0))
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
