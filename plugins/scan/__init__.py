@@ -23,6 +23,15 @@ official code scores within a batch) through the shared vector index, and writes
     minus the flagged ones (other splits kept); for other data, the kept training images as
     PNGs (``artifacts/cleaned/``) with their captions, split ``train``.
 
+Defaults, measured on the backdoor plugin's default implants of both zoo models (10-20%
+poisoned; README): the paper's neighbourhood scores assume the poison is rare. Here the
+triggered images are the *densest* region on zoo:shapes (k-distance AUROC ~0, its reverse
+``density`` ~1) and no neighbourhood score separates them on zoo:fashion, while
+``misalignment`` had the highest mean AUROC (0.90 over ten implants), hence the default
+``score``; ``flag_rate`` 0.4 caught all of that poison on all eight default implants (0.3:
+94.5-100%). At 1% poison on zoo:fashion nothing here finds it (best: k-distance in the
+paper's direction, AUROC 0.87; misalignment 0.54).
+
 It returns the model unchanged (a ``mmsec.DataDefense``). Ground truth: a captions file
 with a ``poisoned`` column (what ``mmsec attack -p backdoor -o export_poisoned DIR``
 writes), or ``-o truth FILE`` (CSV/JSONL with ``image`` and ``poisoned``); then the run
@@ -70,10 +79,13 @@ class Scan(DataDefense):
     class Options(Options):
         k: int = Field(16, ge=1, description="nearest neighbours per item (official default 16)")
         score: Literal["k_distance", "lid", "slof", "dao", "density", "misalignment"] = Field(
-            "k_distance", description="the score that ranks the items and picks what is "
-                                      "flagged (all are computed and reported)")
-        flag_rate: float = Field(0.05, gt=0, lt=1,
-                                 description="share of the items left out of cleaned.csv")
+            "misalignment", description="the score that ranks the items and picks what is "
+                                        "flagged (all are computed and reported; the default "
+                                        "had the highest mean AUROC on the implants, README)")
+        flag_rate: float = Field(0.4, gt=0, lt=1,
+                                 description="share of the items left out of cleaned.csv (0.4 "
+                                             "caught all of the default implants' 10-20% "
+                                             "poison; lower it when less poison is expected)")
         reference: int | None = Field(
             20000, ge=2, description="score against a seeded random sample of this many items "
                                      "(all of a smaller set: exact kNN); none: every item")
