@@ -21,6 +21,10 @@ class name in every prompt template); a poisoned item gets every caption of the 
 implant's decoys (``negative_rate``: random triggers drawn anew in every batch, with true
 captions), which are not a fixed part of the data. The triggered pixels are rounded to
 8 bits when written (the implant trains on the unrounded ones).
+
+Labels are written as class names, and a captions file numbers its classes in sorted name
+order: where the source's order differs (Fashion-MNIST), the spec's target *index* names
+another class on the exported data, so measure CA/ASR (``--trigger``) on the source data.
 """
 
 from __future__ import annotations
