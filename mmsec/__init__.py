@@ -25,6 +25,7 @@ _EXPORTS = {
     "AttackResult": "mmsec.attacks",
     "Victim": "mmsec.attacks",
     "Defense": "mmsec.defenses",
+    "DataDefense": "mmsec.defenses",
     "InputTransform": "mmsec.defenses",
     "TransformedModel": "mmsec.defenses",
     "API_VERSION": "mmsec.registry",

@@ -345,7 +345,9 @@ def defend(plugin: str, settings: Settings | None = None, *,
         if given is not None:
             ctx.set("trigger" if trigger else "attack_artifact", str(trigger or attack_artifact))
             ctx.record_plugin("attacks", type(given[0]))
-        clean = _data(ctx, s, "train", clean_items)
+        # a data defense cleans the training data itself: it gets the whole train split
+        data_defense = getattr(cls, "kind", "repair") == "data"
+        clean = _data(ctx, s, "train", None if data_defense else clean_items)
         test = _data(ctx, s, limit=s.limit)
         ctx.vet_texts(model, test)
         metrics = reg.metric_list()
@@ -354,6 +356,8 @@ def defend(plugin: str, settings: Settings | None = None, *,
         rows = _measure(before, ctx, *(given or (None, None)))
         with ctx.timer("defend"), _culprit(reg, dfn, "apply"):
             repaired = dfn.run_apply(model, clean, ctx)
+        if data_defense:  # the model is unchanged: no copy of it, no second measurement
+            return _finish(ctx, rows, started)
         ctx.set("model_checkpoint", str(repaired.save(ctx.artifacts_dir / "model.safetensors")))
         after = Evaluation(repaired, test, ctx.cache, metrics=metrics, label="after",
                            progress=ctx.progress)

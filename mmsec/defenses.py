@@ -16,6 +16,11 @@ data, ``fit(model, data, run) -> Artifact``). mmsec wraps the model into a
 covers the defense, its options and its artifact, so its embeddings are never mistaken for
 the unwrapped model's, and its checkpoint records the defense, so loading it rebuilds the
 wrapper instead of dropping it.
+
+A *data* defense (a poisoned-sample detector) subclasses :class:`DataDefense`: its
+``apply`` receives the whole training split (not the host's small clean sample), writes what
+it finds (a ranking of the items, a cleaned captions file) into the run, and returns the
+model unchanged; the host then saves no checkpoint and measures the model once.
 """
 
 from __future__ import annotations
@@ -31,13 +36,14 @@ from .base import Plugin
 from .errors import MmsecError
 from .model import ClipModel
 
-__all__ = ["Defense", "InputTransform", "TransformedModel"]
+__all__ = ["DataDefense", "Defense", "InputTransform", "TransformedModel"]
 
 
 class Defense(Plugin):
     """Base class of defense plugins (see the module docstring)."""
 
-    #: ``repair`` (returns changed weights) or ``transform`` (wraps the model's input)
+    #: ``repair`` (returns changed weights), ``transform`` (wraps the model's input) or
+    #: ``data`` (cleans the training data, returns the model as it was)
     kind: ClassVar[str] = "repair"
 
     def apply(self, model, data, run):  # pragma: no cover - abstract
@@ -52,6 +58,13 @@ class Defense(Plugin):
                              "a ClipModel")
         out.eval()
         return out
+
+
+class DataDefense(Defense):
+    """A data defense: finds suspicious items in the training data it is given (the whole
+    train split) and returns the model unchanged (see the module docstring)."""
+
+    kind: ClassVar[str] = "data"
 
 
 class InputTransform(Defense):

@@ -398,5 +398,6 @@ def captions_file(
         image_size=image_size, strict=strict, source=f"{source} {path}",
     )
     ds.shared_splits = not any(splits)
+    ds.path = path  # the captions file (a data defense reads its other columns)
     return ds
 

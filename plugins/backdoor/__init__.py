@@ -150,6 +150,9 @@ class Backdoor(Attack):
         warp_grid: int = Field(4, ge=2, le=64, description="wanet: control grid side k")
         warp_strength: float = Field(0.08, gt=0, le=0.5,
                                      description="wanet: mean displacement / image side")
+        export_poisoned: str | None = Field(
+            None, description="write the poisoned training set (images + captions.csv with a "
+                              "'poisoned' column) to this folder (export.py)")
 
     # ------------------------------------------------------------------ fit
     def settings(self) -> dict:
@@ -172,6 +175,10 @@ class Backdoor(Attack):
         spec = self.spec(trigger, target, seed)
         spec.meta["implant"] = {k: opts[k] for k in (
             "poison_rate", "poison_mode", "negative_rate", "epochs", "lr", "towers", "train_items")}
+        if opts["export_poisoned"]:
+            from .export import export_poisoned
+
+            run.set("poisoned_export", str(export_poisoned(spec, data, opts["export_poisoned"])))
         return AttackResult(spec, model=victim)
 
     def spec(self, trigger: Trigger, target: Target, seed: int = 0) -> Artifact:
