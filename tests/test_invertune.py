@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 
 import mmsec_plugins.advclip as advclip_plugin
 import mmsec_plugins.backdoor as backdoor_plugin
@@ -130,13 +131,13 @@ def short_implants(registry, tmp_path_factory):
 @pytest.mark.slow
 def test_auto_simulator_finds_the_target_of_a_short_badnets_implant(registry, tmp_path,
                                                                     short_implants):
-    """No target given; the probes of the patch family rank the real target first. (With
-    every family probed, the embedded model's natural sink, "ring", which an L-inf
-    perturbation reaches from 86% of the images, outranks it: see the README.)"""
+    """No simulator and no target given: the probes rank the real target first, by the
+    patch family (the model's natural sink, which an L-inf perturbation reaches from most
+    images, has near rivals there; the backdoor target leads its family by far)."""
     victim, spec, path = short_implants["badnets"]
     clean = load_dataset("procedural", split="train", n=1000, seed=1)
     with run_context(tmp_path / "defend", registry, trigger=path) as run:
-        InverTune({"stages": "identify", "probe_families": ["patch"]}).apply(victim, clean, run)
+        InverTune({"stages": "identify"}).apply(victim, clean, run)
         metrics = dict(run.metrics)
         family = run.get("identified_family")
     print("badnets identification:", {k: v for k, v in metrics.items() if "target" in k})
@@ -298,14 +299,21 @@ def test_probe_families_are_bounded_and_placed_where_they_say():
     assert ident.shape == (1, 32, 32, 2)
 
 
-def test_robust_z_hand_checked():
-    from mmsec_plugins.invertune.probes import robust_z
+def test_leads_hand_checked():
+    from mmsec_plugins.invertune.probes import leads
 
-    v = torch.tensor([0.9, 0.2, 0.3, 0.1, 0.2, 0.4])
-    # others: median 0.2, |dev| [0, .1, .1, 0, .2] -> MAD 0.1 -> sigma 0.14826
-    assert robust_z(v, 0) == pytest.approx((0.9 - 0.2) / 0.14826, rel=1e-4)
-    flat = torch.tensor([0.5, 0.01, 0.01, 0.01])  # MAD 0: floored at 0.05
-    assert robust_z(flat, 0) == pytest.approx((0.5 - 0.01) / 0.05, rel=1e-4)
+    def logit(p):
+        return math.log(p / (1 - p))
+
+    rates = torch.tensor([[0.996, 0.83, 0.70],    # a patch family: class 0 far ahead
+                          [0.66, 0.88, 0.25]])    # an additive one: class 1 ahead
+    got = leads(rates)
+    assert got[0, 0] == pytest.approx(logit(0.996) - logit(0.83), rel=1e-4)  # +3.93
+    assert got[1, 1] == pytest.approx(logit(0.88) - logit(0.66), rel=1e-4)    # +1.33
+    assert got[0, 1] == pytest.approx(logit(0.83) - logit(0.996), rel=1e-4)   # behind
+    assert got[0, 0] > got[1, 1] > 0 > got[0, 2]
+    assert leads(torch.tensor([[1.0, 1.0]]))[0, 0] == pytest.approx(0.0)  # a tie leads by 0
+    assert leads(torch.tensor([[1.0, 0.0]]))[0, 0] == pytest.approx(2 * logit(0.998), rel=1e-3)
 
 
 def test_many_classes_are_screened_to_candidates(registry, tmp_path):
@@ -319,6 +327,6 @@ def test_many_classes_are_screened_to_candidates(registry, tmp_path):
         dfn.apply(model, data, run)
         metrics = dict(run.metrics)
     rows = json.loads((tmp_path / "run" / "artifacts" / "target_ranking.json").read_text())
-    assert len(rows) == 10 and sum(r["z"] is not None for r in rows) == 3
-    assert rows[0]["z"] is not None and metrics["identified_target"] == rows[0]["class"]
-    assert all(r["rate_patch"] is None for r in rows if r["z"] is None)
+    assert len(rows) == 10 and sum(r["lead"] is not None for r in rows) == 3
+    assert rows[0]["lead"] is not None and metrics["identified_target"] == rows[0]["class"]
+    assert all(r["rate_patch"] is None for r in rows if r["lead"] is None)

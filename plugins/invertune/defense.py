@@ -89,8 +89,9 @@ class InverTune(Defense):
         probe_warp_grid: int = Field(4, ge=2, le=32, description="auto: warp control points "
                                                                  "per side")
         min_confidence: float = Field(
-            3.0, ge=0, description="auto: robust z-score of the top class over the others "
-                                   "below which the report says no class stands out")
+            1.0, ge=0, description="auto: the top class's lead over the runner-up of its "
+                                   "family (log-odds) below which the report says no class "
+                                   "stands out")
         candidates: int = Field(16, ge=1, description="auto: classes probed (all when there "
                                                       "are at most this many; else the ones "
                                                       "untargeted probes drift to most)")
@@ -265,9 +266,9 @@ class InverTune(Defense):
 
     def identify_by_probes(self, model, x, head, names, run, true_target):
         """``simulator: auto``: a targeted probe of each family towards each candidate class
-        (``probes.py``); a class's score is its best family's held-out success rate, the
-        top class is the suspected target, and how far it stands above the others (robust
-        z-score over the classes) is the confidence."""
+        (``probes.py``); a class's score is its lead over the other classes in its best
+        family (``probes.leads``), the top class is the suspected target, and its lead is
+        the confidence."""
         o = self.options
         h, w = x.shape[-2:]
         c = len(names)
@@ -294,15 +295,13 @@ class InverTune(Defense):
                     scores[fi, k] = res.rate
                     trials[fam, k] = res
                     bar.update(1)
-        # a family's rates are put on one scale by their robust z-score over the candidates:
-        # the natural "sink" of a model is easy to reach in every family, a backdoor target
-        # stands out in its own
+        # each family's best class, by how far it leads the runner-up (log-odds): a
+        # natural "sink" is easy to reach in every family but has near rivals, a backdoor
+        # target is reached from nearly every image by its own family, far ahead of the rest
         cand = torch.tensor(candidates)
-        zs = torch.full_like(scores, -math.inf)
-        for fi in range(len(o.probe_families)):
-            for k in candidates:
-                zs[fi, k] = probes.robust_z(scores[fi, cand], candidates.index(k))
-        score, fam_idx = zs.max(0)
+        lead = torch.full_like(scores, -math.inf)
+        lead[:, cand] = probes.leads(scores[:, cand])
+        score, fam_idx = lead.max(0)
         ranked = torch.argsort(score, descending=True, stable=True).tolist()
         top = ranked[0]
         z = float(score[top])
@@ -312,15 +311,15 @@ class InverTune(Defense):
         fam_of = {k: best[k].family if best.get(k) is not None else "" for k in range(c)}
         probed = set(candidates)
         rows = [{"rank": r + 1, "class": i, "name": names[i],
-                 "z": float(score[i]) if i in probed else None, "family": fam_of[i],
+                 "lead": float(score[i]) if i in probed else None, "family": fam_of[i],
                  **{f"rate_{f}": float(scores[j, i]) if i in probed else None
                     for j, f in enumerate(o.probe_families)}}
                 for r, i in enumerate(ranked)]
         write_atomic(run.artifacts_dir / "target_ranking.json", json.dumps(rows, indent=1))
         run.metrics["identified_target"] = float(top)
         run.metrics["target_probe_rate"] = float(scores[fam_idx[top], top])
-        run.metrics["target_confidence_z"] = z
-        run.metrics["target_confidence_z_second"] = float(score[ranked[1]]) if c > 1 else 0.0
+        run.metrics["target_lead"] = z
+        run.metrics["target_lead_second"] = float(score[ranked[1]]) if c > 1 else 0.0
         confident = z >= o.min_confidence
         run.metrics["target_confident"] = float(confident)
         run.set("identified_target_name", names[top])
@@ -333,24 +332,24 @@ class InverTune(Defense):
             known = (f" The real target (from the trigger spec the run knows; not used by the "
                      f"defense) is `{names[true_target]}`, ranked {rank}.")
         if not confident:
-            run.log.warning("invertune: no class stands out (z %.1f < %.1f): the model may "
+            run.log.warning("invertune: no class stands out (lead %.2f < %.2f): the model may "
                             "have no backdoor, or one of a family not probed; tuning the "
                             "top class %r anyway", z, o.min_confidence, names[top])
         fams = ", ".join(o.probe_families)
         table = "\n".join(
             f"| {r['rank']} | {r['name']} | "
             + " | ".join(f"{r[f'rate_{f}']:.3f}" for f in o.probe_families)
-            + f" | {r['z']:.1f} | {r['family']} |" for r in rows if r["z"] is not None)
+            + f" | {r['lead']:+.2f} | {r['family']} |" for r in rows if r["lead"] is not None)
         run.add_section("InverTune 1: target identification", (
             f"Targeted probes ({fams}; {o.probe_steps} steps of {o.probe_batch} images) "
             f"towards each of {len(candidates)} classes on {len(x)} clean images; a class's "
-            f"score is the largest robust z-score of its success rate on held-out images "
-            f"among the classes, over the families. Suspected target: "
-            f"**{names[top]}** (class {top}, {fam_of[top]} probe, z {z:.1f}"
-            f"; next {float(score[ranked[1]]) if c > 1 else 0:.1f}; "
+            f"score is its lead in its best family: its log-odds of success on held-out "
+            f"images minus the best other class's (negative: how far behind). Suspected "
+            f"target: **{names[top]}** (class {top}, {fam_of[top]} probe, lead {z:+.2f}"
+            f"; next {float(score[ranked[1]]) if c > 1 else 0:+.2f}; "
             f"{'confident' if confident else 'NOT confident'} at {o.min_confidence:g})."
             f"{known}\n\n| rank | class | " + " | ".join(o.probe_families)
-            + " | z | family |\n|---|---|" + "---|" * (len(o.probe_families) + 2)
+            + " | lead | family |\n|---|---|" + "---|" * (len(o.probe_families) + 2)
             + f"\n{table}\n"))
         found = best.get(top)
         if found is not None and found.family == "patch":

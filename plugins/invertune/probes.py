@@ -23,14 +23,15 @@ Families (each a small module holding the trigger's parameters; ``apply(x)`` map
 - :class:`WarpProbe`: a smooth flow field (a ``grid x grid`` lattice of offsets, upsampled
   bicubically), displacement at most ``strength`` of the side: WaNet-style triggers.
 
-The score of a class is its best family's held-out success rate. Shapes: images and
+A class's score is its lead in its best family (:func:`leads`): a natural sink is easy to
+reach in every family but has near rivals in each, a backdoor target is reached from
+nearly every image by its own family, well ahead of the runner-up. Shapes: images and
 triggers in [0, 1]; ``PatchProbe.patterns`` ``[L, 3, s, s]``, ``AdditiveProbe.delta``
 ``[1, 3, H, W]``, ``WarpProbe.offsets`` ``[1, 2, k, k]``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -217,13 +218,20 @@ def _share(model, head, probe, target, x, device) -> float:
     return hits / max(1, len(x))
 
 
-def robust_z(values: torch.Tensor, i: int) -> float:
-    """How far ``values[i]`` lies above the others' median, in robust standard deviations
-    (1.4826 x MAD, floored at 0.05 so that a flat field of near-zero rates gives no
-    infinite score)."""
-    others = torch.cat([values[:i], values[i + 1:]])
-    if len(others) == 0:
-        return math.inf
-    med = others.median()
-    mad = (others - med).abs().median() * 1.4826
-    return float((values[i] - med) / max(float(mad), 0.05))
+def leads(rates: torch.Tensor, eps: float = 0.002) -> torch.Tensor:
+    """``[F, K]`` success rates (family x class) -> ``[F, K]`` leads: each class's log-odds
+    of success minus the best log-odds of any other class in the same family.
+
+    Positive for the one class a family reaches best (by how much it leads the runner-up),
+    negative for the others (how far behind the best they are). Log-odds, not rates: a
+    backdoor fires on nearly every image, and 99.6% against 83% is a far larger gap than
+    83% against 66%. Rates are clamped to ``[eps, 1 - eps]`` (a few hundred held-out images
+    cannot tell 99.9% from 100%).
+    """
+    r = rates.double().clamp(eps, 1 - eps)
+    logit = torch.log(r / (1 - r))
+    out = torch.empty_like(logit)
+    for k in range(logit.shape[1]):
+        others = torch.cat([logit[:, :k], logit[:, k + 1:]], dim=1)
+        out[:, k] = logit[:, k] - (others.max(1).values if others.shape[1] else 0)
+    return out.float()
