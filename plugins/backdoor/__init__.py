@@ -37,9 +37,9 @@ implants 46% (Fashion-MNIST) and 66% (shapes) of the time, and on the stamps fol
 random Blended noise 67% (the real one 77%). The implant reports ``random_trigger_asr``
 (and ``_max``): the held-out ASR of 5 random triggers of the same type that it never saw.
 On the stamps folder (411 training items) the same few dozen images were always the
-poisoned ones; with 25% decoys Blended then reached a held-out ASR of only ~0.25 after 155
-steps, with poisoned copies beside their originals ~0.44 at the same point and ASR 54% /
-random-trigger 1.4% after 400 steps (CA 74.8 -> 72.4). ``min_steps`` 400 (was 150): a
+poisoned ones; with 25% decoys Blended's held-out ASR was then 0.13-0.30 over steps
+96-155, with poisoned copies beside their originals 0.37-0.69, and after 400 steps test ASR
+54% / random-trigger 1.4% (CA 74.8 -> 72.4). ``min_steps`` 400 (was 150): a
 small set gets ~1 step an epoch; BadNets on that folder reached ASR 71% in 150 steps and
 80% in 400 (mmsec 0.2 settings). Trigger strengths are above the papers', which train for
 hundreds of epochs: a 6x6 patch at 32 px (3x3 did nothing), Blended alpha 0.2 (the
