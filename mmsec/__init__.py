@@ -1,8 +1,8 @@
 """mmsec: a plugin-based security toolkit for CLIP-style vision-language models.
 
 The public API for plugin authors and Python users is what this module exports (lazily,
-so ``import mmsec`` stays cheap), plus the modules ``mmsec.losses``, ``mmsec.metrics`` and
-``mmsec.fields`` (shared option fields)::
+so ``import mmsec`` stays cheap), plus the modules ``mmsec.losses``, ``mmsec.metrics``,
+``mmsec.avqi`` (the AVQI metric) and ``mmsec.fields`` (shared option fields)::
 
     from mmsec import Attack, Defense, Artifact, Options, hookimpl, train, Optim
 
@@ -28,6 +28,7 @@ _EXPORTS = {
     "DataDefense": "mmsec.defenses",
     "InputTransform": "mmsec.defenses",
     "TransformedModel": "mmsec.defenses",
+    "AdaptedModel": "mmsec.defenses",
     "API_VERSION": "mmsec.registry",
     "Options": "mmsec.options",
     "RunContext": "mmsec.context",

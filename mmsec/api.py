@@ -22,7 +22,7 @@ from .cache import EmbeddingCache
 from .context import RunContext, RunInputs
 from .data import ImageDataset, parse_spec, subset
 from .errors import MmsecError, PluginError, UsageError
-from .evaluation import Evaluation, Row, rows_to_metrics
+from .evaluation import Evaluation, Metric, Row, rows_to_metrics
 from .model import ClipModel
 from .registry import Registry, get_registry
 from .runs import Run
@@ -213,23 +213,66 @@ def _measure(ev: Evaluation, ctx: RunContext, attack: Attack | None = None,
 
 
 # --------------------------------------------------------------------------- eval
+def load_detector(path: str | Path, registry: Registry | None = None) -> Metric:
+    """A probe (``Metric`` named ``detector``) around an attacked-input detector a defense
+    saved (GRACE's ``grace-detector.safetensors``): ``detect_rate`` on every view (on clean
+    images, the false-positive rate) at the detector's own threshold, and ``detect_auroc``
+    of each attacked view against the clean one; both over the views' ``layer_items``."""
+    import torch
+
+    from .metrics import auroc
+
+    if not Path(path).is_file():
+        raise UsageError(f"--detector {path}: no such file")
+    artifact = Artifact.load(path)
+    reg = registry or get_registry()
+    cls = reg.defense(artifact.plugin)
+    if "threshold" not in artifact.meta:
+        raise UsageError(f"--detector {path}: not a detector (an artifact of "
+                         f"{artifact.plugin!r} without a threshold)")
+    defense = cls(artifact.options)
+    threshold = float(artifact.meta["threshold"])
+
+    def probe(view) -> dict[str, Any] | None:
+        if not view.layers:
+            return None
+        n = len(next(iter(view.layers.values())))
+        scores = defense.detection_scores(artifact, view.images[:n], view.layers).cpu()
+        view.memo["detector_scores"] = scores
+        out: dict[str, Any] = {"detect_rate": (float((scores > threshold).float().mean()), n)}
+        if not view.is_clean and view.images is not view.clean.images:
+            clean = view.clean.memo.get("detector_scores")
+            if clean is None:
+                clean = defense.detection_scores(artifact, view.clean.images[:n],
+                                                 view.clean.layers).cpu()
+            truth = torch.cat([torch.zeros(len(clean)), torch.ones(len(scores))]).bool()
+            out["detect_auroc"] = (auroc(torch.cat([clean, scores]), truth), n)
+        return out
+
+    return Metric("detector", probe, f"attacked-input detector {Path(path).name} "
+                  f"({artifact.plugin}): detection rate and AUROC", relative=("detect_auroc",),
+                  plugin=artifact.plugin, layers=True)
+
+
 def eval(settings: Settings | None = None, *, attack_artifact: str | None = None,
          trigger: str | None = None, knn_bank: int = 2000, robust: str | None = None,
-         options: Mapping[str, Any] | None = None) -> dict:
+         options: Mapping[str, Any] | None = None, detector: str | None = None) -> dict:
     """Clean metrics of a model on a dataset; with ``attack_artifact``, its effect too.
 
     ``trigger`` is a targeted artifact (a backdoor's trigger spec): it is applied with its
     plugin and ``asr`` is reported next to clean top-1 (CA), always with the real trigger.
     ``robust`` names a per-image attack (``pgd``, ``apgd``, ``autoattack``) run with
     ``options`` against the model itself: ``robust_top1`` is the robust accuracy.
+    ``detector`` is an attacked-input detector a defense saved (:func:`load_detector`).
     """
     if sum(bool(a) for a in (attack_artifact, trigger, robust)) > 1:
         raise UsageError("give one of --attack-artifact, --trigger and --robust")
     if options and not robust:
         raise UsageError("-o options go with --robust (the attack they configure)")
     s = settings or Settings()
+    probes = [load_detector(detector)] if detector else []
     if robust:
-        return _robust_eval(s, robust, options or {}, knn_bank)
+        return _robust_eval(s, robust, options or {}, knn_bank, probes)
     started = time.perf_counter()
     loaded = load_artifact(trigger or attack_artifact, trigger=bool(trigger)) \
         if (attack_artifact or trigger) else None
@@ -239,7 +282,9 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
     with ctx.run:  # a failure marks the run failed before re-raising
         ds = _data(ctx, s, limit=s.limit)
         ctx.vet_texts(model, ds)
-        ev = Evaluation(model, ds, ctx.cache, metrics=ctx.registry.metric_list(),
+        if detector:
+            ctx.set("detector", str(detector))
+        ev = Evaluation(model, ds, ctx.cache, metrics=ctx.registry.metric_list() + probes,
                         bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
         with ctx.timer("evaluate"):
             if loaded is None:
@@ -253,7 +298,8 @@ def eval(settings: Settings | None = None, *, attack_artifact: str | None = None
         return _finish(ctx, rows, started)
 
 
-def _robust_eval(s: Settings, name: str, options: Mapping[str, Any], knn_bank: int) -> dict:
+def _robust_eval(s: Settings, name: str, options: Mapping[str, Any], knn_bank: int,
+                 probes: Sequence[Metric] = ()) -> dict:
     started = time.perf_counter()
     reg = get_registry()
     cls = reg.attack(name)
@@ -269,7 +315,7 @@ def _robust_eval(s: Settings, name: str, options: Mapping[str, Any], knn_bank: i
         ctx.run.fields["config"].update(robust=name, options=atk.options_dict())
         ds = _data(ctx, s, limit=s.limit)
         ctx.vet_texts(model, ds)
-        ev = Evaluation(model, ds, ctx.cache, metrics=reg.metric_list(),
+        ev = Evaluation(model, ds, ctx.cache, metrics=reg.metric_list() + list(probes),
                         bank=_bank(ctx, s, knn_bank), progress=ctx.progress)
         with ctx.timer("evaluate"), _culprit(reg, atk, "apply"):
             artifact = atk.run_fit(model, ds, ctx).artifact

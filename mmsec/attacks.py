@@ -172,6 +172,12 @@ class Attack(Plugin):
         """
         return None
 
+    def sample(self, seed: int = 0) -> Artifact | None:
+        """An artifact drawn from the options without fitting anything (a random trigger of
+        the configured type), for a defense that needs examples of this attack's inputs
+        (GRACE); None when the attack must be fitted (the default)."""
+        return None
+
     def artifact(self, tensors: dict[str, torch.Tensor] | None = None,
                  meta: dict[str, Any] | None = None) -> Artifact:
         """An artifact of this plugin with its options recorded."""

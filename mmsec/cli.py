@@ -166,15 +166,18 @@ def main() -> None:
 @click.option("--robust", default=None, metavar="ATTACK",
               help="robust accuracy under a per-image attack: pgd, apgd, autoattack "
                    "(its options with -o, e.g. -o eps 4/255)")
+@click.option("--detector", type=click.Path(), default=None,
+              help="an attacked-input detector saved by a defense (grace): its detection "
+                   "rate on every view and AUROC against the clean one")
 @option_pairs
 @handle_errors
-def eval_cmd(attack_artifact, trigger, knn_bank, robust, options, as_json, **kw):
+def eval_cmd(attack_artifact, trigger, knn_bank, robust, detector, options, as_json, **kw):
     """Measure a model on a dataset (zero-shot, kNN, retrieval); optionally under an attack."""
     from . import api
     from .options import parse_cli_pairs
 
     _print_results(api.eval(_settings(kw), attack_artifact=attack_artifact, trigger=trigger,
-                            knn_bank=knn_bank, robust=robust,
+                            knn_bank=knn_bank, robust=robust, detector=detector,
                             options=parse_cli_pairs(options)), as_json)
 
 

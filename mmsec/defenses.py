@@ -17,6 +17,13 @@ covers the defense, its options and its artifact, so its embeddings are never mi
 the unwrapped model's, and its checkpoint records the defense, so loading it rebuilds the
 wrapper instead of dropping it.
 
+A defense may also train a light module on top of the frozen model (GRACE): it returns an
+:class:`AdaptedModel`, whose image embedding passes through ``adapter(embedding, {layer:
+pooled activation})``; the checkpoint records the defense and the adapter's spec
+(``build_adapter``), so loading rebuilds it. A defense that trains an input *detector*
+saves it as an artifact of its own and implements :meth:`Defense.detection_scores`;
+``mmsec eval --detector FILE`` then measures it on every view.
+
 A *data* defense (a poisoned-sample detector) subclasses :class:`DataDefense`: its
 ``apply`` receives the whole training split (not the host's small clean sample), writes what
 it finds (a ranking of the items, a cleaned captions file) into the run, and returns the
@@ -30,13 +37,14 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from .attacks import Artifact
 from .base import Plugin
 from .errors import MmsecError
 from .model import ClipModel
 
-__all__ = ["DataDefense", "Defense", "InputTransform", "TransformedModel"]
+__all__ = ["AdaptedModel", "DataDefense", "Defense", "InputTransform", "TransformedModel"]
 
 
 class Defense(Plugin):
@@ -58,6 +66,20 @@ class Defense(Plugin):
                              "a ClipModel")
         out.eval()
         return out
+
+    def build_adapter(self, spec: Mapping[str, Any]) -> nn.Module:
+        """The (untrained) adapter module an :class:`AdaptedModel` checkpoint describes
+        (``spec`` = what :meth:`AdaptedModel.wrapper_spec` recorded as ``adapter``); its
+        weights are loaded afterwards. Defenses that return an AdaptedModel override it."""
+        raise MmsecError(f'plugin "{self.name}" cannot rebuild an adapter')
+
+    def detection_scores(self, artifact: Artifact, embeddings: torch.Tensor,
+                         layers: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """For a defense that trains a detector: ``[N]`` scores, higher = more likely attacked,
+        from L2-normalised image ``embeddings [N, D]`` and pooled image-layer activations
+        (``{layer: [N, C]}``, ``ClipModel.forward_features``); ``artifact.meta["threshold"]``
+        is the operating point. Used by ``mmsec eval --detector``."""
+        raise MmsecError(f'plugin "{self.name}" has no detector')
 
 
 class DataDefense(Defense):
@@ -139,6 +161,68 @@ class TransformedModel(ClipModel):
 
     def describe(self) -> str:
         return f"{super().describe()} behind {self.defense.name}"
+
+
+class AdaptedModel(ClipModel):
+    """``base`` (sharing its frozen weights) with ``adapter`` on its image side: the
+    embedding becomes ``adapter(embedding, {layer: pooled activation})`` for the image
+    ``layers`` (``ClipModel.layer_names("image")``); ``spec`` is the JSON the defense's
+    :meth:`Defense.build_adapter` rebuilds the adapter from."""
+
+    def __init__(self, base: ClipModel, defense: Defense, adapter: nn.Module,
+                 layers: list[str], spec: Mapping[str, Any]) -> None:
+        training = base.clip.training
+        super().__init__(base.clip, base.tokenizer, name=base.name, pretrained=base.pretrained,
+                         image_size=base.image_size, mean=base.mean.flatten().tolist(),
+                         std=base.std.flatten().tolist(), precision=base.precision,
+                         info=base.info)
+        self.mean, self.std = base.mean, base.std
+        self.defense, self.adapter = defense, adapter.to(base.device)
+        self.adapter_layers, self.adapter_spec = list(layers), dict(spec)
+        self.clip.train(training)
+
+    def _image_forward(self, pix: torch.Tensor, names: list[str]):
+        from .model import _pool
+
+        need = list(dict.fromkeys([*self.adapter_layers, *names]))
+        emb, acts = super()._image_forward(pix, need)
+        emb = self.adapter(emb.float(), {n: _pool(acts[n]) for n in self.adapter_layers})
+        return emb, {n: acts[n] for n in names}
+
+    def fingerprint_extra(self) -> dict[str, Any]:  # the adapter's tensors are hashed too
+        return {"defense": self.defense.name, "options": self.defense.options_dict(),
+                "version": self.defense.version, "layers": self.adapter_layers,
+                "adapter": self.adapter_spec}
+
+    def wrapper_spec(self) -> dict[str, Any]:
+        return {"kind": "embedding-adapter", "defense": self.defense.name,
+                "options": self.defense.options_dict(), "layers": self.adapter_layers,
+                "adapter": self.adapter_spec}
+
+    def wrapper_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()}
+
+    def describe(self) -> str:
+        return f"{super().describe()} with the {self.defense.name} adapter"
+
+
+def rebuild_wrapper(base: ClipModel, spec: Mapping[str, Any],
+                    tensors: Mapping[str, torch.Tensor],
+                    defenses: Callable[[str], type]) -> ClipModel:
+    """The wrapped model a checkpoint describes: an input transform or an adapter."""
+    if spec.get("kind") == "input-transform":
+        return rebuild_transformed(base, spec, tensors, defenses)
+    cls = defenses(spec["defense"])
+    if not (isinstance(cls, type) and issubclass(cls, Defense)):
+        raise MmsecError(f"checkpoint's adapter comes from {spec['defense']!r}, which is not a "
+                         "defense here")
+    defense = cls(spec.get("options") or {})
+    adapter = defense.build_adapter(spec.get("adapter") or {})
+    from .model import load_weights
+
+    load_weights(adapter, dict(tensors), f"the {spec['defense']} adapter")
+    return AdaptedModel(base, defense, adapter, list(spec.get("layers") or []),
+                        spec.get("adapter") or {})
 
 
 def rebuild_transformed(base: ClipModel, spec: Mapping[str, Any],

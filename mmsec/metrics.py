@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "alignment",
     "attack_success_rate",
+    "auroc",
     "clean_accuracy",
     "fooling_rate",
     "knn_accuracy",
@@ -591,3 +592,29 @@ def uniformity(x: Tensor, t: float = 2, chunk_size: int = DEFAULT_CHUNK_SIZE) ->
         )
     total = torch.logsumexp(torch.stack(partial), 0)
     return total.item() - math.log(n * (n - 1) / 2)
+
+
+# --------------------------------------------------------------------------------------------
+# detection
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def auroc(scores: Tensor, positive: Tensor) -> float:
+    """Area under the ROC curve of ``scores`` (higher = positive) for the boolean
+    ``positive``: the chance that a random positive scores above a random negative, ties
+    counting half (average ranks, Mann-Whitney U)."""
+    _check_1d_same("scores", scores, "positive", positive)
+    s = scores.detach().double().cpu()
+    y = positive.detach().bool().cpu()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        raise ValueError("AUROC needs positive and negative items")
+    order = torch.argsort(s, stable=True)
+    sorted_s = s[order]
+    _, counts = torch.unique_consecutive(sorted_s, return_counts=True)
+    start = torch.cumsum(counts, 0) - counts
+    avg = start.double() + (counts.double() + 1) / 2  # 1-based average rank of each tie group
+    ranks = torch.empty_like(s)
+    ranks[order] = torch.repeat_interleave(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

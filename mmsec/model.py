@@ -927,12 +927,14 @@ def load_model(
         wrapped = {k[len(WRAPPER_PREFIX):]: v for k, v in state.items()
                    if k.startswith(WRAPPER_PREFIX)}
         state = {k: v for k, v in state.items() if not k.startswith(WRAPPER_PREFIX)}
-        if wrapper.get("kind") != "input-transform" or defenses is None:
+        rebuildable = ("input-transform", "embedding-adapter")
+        if wrapper.get("kind") not in rebuildable or defenses is None:
             raise MmsecError(
                 f"{pretrained}: a wrapped model ({wrapper.get('class') or wrapper.get('defense')})"
                 "; mmsec will not load it without its wrapper"
-                + ("" if wrapper.get("kind") == "input-transform" else
-                   " (only input-transform defenses can be rebuilt from a checkpoint)"))
+                + ("" if wrapper.get("kind") in rebuildable else
+                   " (only input-transform and adapter defenses can be rebuilt from a "
+                   "checkpoint)"))
     if model is None and meta.get("format") == CHECKPOINT_FORMAT:
         model = meta["model"]
     if model is None and meta.get("format") == ZOO_FORMAT_V1 and meta.get("name"):
@@ -961,7 +963,7 @@ def load_model(
     cm.info["source"] = source.name
     cm.precision = precision
     if wrapper is not None:
-        from .defenses import rebuild_transformed
+        from .defenses import rebuild_wrapper
 
-        cm = rebuild_transformed(cm, wrapper, wrapped, defenses)
+        cm = rebuild_wrapper(cm, wrapper, wrapped, defenses)
     return cm.to(pick_device(device)).eval()

@@ -16,7 +16,7 @@ import pytest
 import mmsec
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLIC_MODULES = {"mmsec", "mmsec.losses", "mmsec.metrics", "mmsec.fields"}
+PUBLIC_MODULES = {"mmsec", "mmsec.losses", "mmsec.metrics", "mmsec.fields", "mmsec.avqi"}
 PLUGIN_SOURCES = sorted([*(REPO / "plugins").rglob("*.py"),
                          *(REPO / "docs" / "example-plugin" / "mmsec_example").rglob("*.py")])
 

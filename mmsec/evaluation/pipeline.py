@@ -27,7 +27,10 @@ from .embed import DEFAULT_BATCH, caption_table, encode_images, encode_texts
 from .probes import BUILTIN_METRICS
 from .views import Metric, Row, Task, View, flat_key
 
-__all__ = ["Evaluation", "resolve_target", "rows_to_metrics"]
+__all__ = ["LAYER_ITEMS", "Evaluation", "resolve_target", "rows_to_metrics"]
+
+#: Images per view whose layer activations are computed when a probe reads them.
+LAYER_ITEMS = 500
 
 
 def resolve_target(artifact: Artifact | None, ds: ImageDataset) -> int | None:
@@ -59,18 +62,21 @@ class Evaluation:
         bank: a labelled dataset for kNN probes (e.g. a train-split sample), or None.
         label: ``before``/``after``/``original`` for a model other than the run's main one.
         progress: a progress-bar factory (``run.progress``) for the long loops, or None.
+        layer_items: images per view whose pooled layer activations are computed for the
+            probes that read them (``Metric.layers``); 0 turns them off.
     """
 
     def __init__(self, model, data: ImageDataset, cache: EmbeddingCache, *,
                  metrics: Sequence[Metric] | None = None, bank: ImageDataset | None = None,
                  label: str | None = None, progress: Callable | None = None,
-                 batch_size: int = DEFAULT_BATCH) -> None:
+                 batch_size: int = DEFAULT_BATCH, layer_items: int = LAYER_ITEMS) -> None:
         self.model, self.data, self.cache = model, data, cache
         self.metrics = list(BUILTIN_METRICS if metrics is None else metrics)
         self.bank_data = bank
         self.label = label
         self.progress = progress
         self.batch_size = batch_size
+        self.layer_items = layer_items if any(m.layers for m in self.metrics) else 0
         self._clean: View | None = None
         self._task: Task | None = None
         self._texts: list[str] | None = None
@@ -105,8 +111,21 @@ class Evaluation:
                                    batch_size=self.batch_size, progress=self.progress is not None)
             texts = encode_texts(self.model, self._texts, self.cache) \
                 if self._texts is not None else None
-            self._clean = View("clean", images, texts, task)
+            self._clean = View("clean", images, texts, task,
+                               layers=self._clean_layers() if self.layer_items else None)
         return self._clean
+
+    def _clean_layers(self) -> dict[str, torch.Tensor]:
+        """Pooled activations of every image layer for the first ``layer_items`` images."""
+        ds, n = self.data, min(self.layer_items, len(self.data))
+        out: dict[str, list[torch.Tensor]] = {}
+        for s in range(0, n, self.batch_size):
+            x, _ = load_images(ds, range(s, min(n, s + self.batch_size)))
+            with torch.no_grad():
+                _, acts = self.model.forward_features(x.to(self.model.device))
+            for name, a in acts.items():
+                out.setdefault(name, []).append(a.float().cpu())
+        return {k: torch.cat(v) for k, v in out.items()}
 
     def victim(self) -> Victim:
         ds = self.data
@@ -115,18 +134,33 @@ class Evaluation:
     def attacked_images(self, attack: Attack, artifact: Artifact, *, run: Any = None,
                         desc: str = "attack") -> torch.Tensor:
         """Embeddings ``[N, D]`` of ``attack.perturb(artifact, images, labels)`` over the data."""
+        return self._attacked(attack, artifact, run=run, desc=desc, layers=False)[0]
+
+    def _attacked(self, attack: Attack, artifact: Artifact, *, run: Any = None,
+                  desc: str = "attack", layers: bool = True
+                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """``attacked_images`` and, in the same pass, the first ``layer_items`` images' pooled
+        layer activations (None when ``layers`` is off or no probe reads them)."""
         ds, victim = self.data, self.victim()
+        n_layers = self.layer_items if layers else 0
         starts = range(0, len(ds), self.batch_size)
         if self.progress is not None:
             starts = self.progress(starts, desc=desc, total=len(starts))
-        out = []
+        out, acts_out = [], {}
         for s in starts:
             x, y = load_images(ds, range(s, min(len(ds), s + self.batch_size)))
             device = self.model.device
             adv = attack.perturb(artifact, x.to(device), y.to(device), victim=victim, run=run)
             with torch.no_grad():
-                out.append(self.model.encode_image(adv).cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
+                if s < n_layers:
+                    emb, acts = self.model.forward_features(adv)
+                    for name, a in acts.items():
+                        acts_out.setdefault(name, []).append(a[:n_layers - s].float().cpu())
+                    out.append(emb.cpu())
+                else:
+                    out.append(self.model.encode_image(adv).cpu())
+        emb = torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
+        return emb, ({k: torch.cat(v) for k, v in acts_out.items()} if n_layers else None)
 
     def attacked(self, attack: Attack, artifact: Artifact, *, condition: str = "adv",
                  run: Any = None) -> list[View]:
@@ -137,9 +171,9 @@ class Evaluation:
         if self.task.target is None:
             self.task.target = resolve_target(artifact, self.data)
         sides = set(attack.sides(artifact))
-        images = texts = None
+        images = texts = layers = None
         if "image" in sides:
-            images = self.attacked_images(attack, artifact, run=run, desc=condition)
+            images, layers = self._attacked(attack, artifact, run=run, desc=condition)
         if "text" in sides and self._texts is not None:
             perturbed = attack.apply_text(artifact, list(self._texts), victim=self.victim(),
                                           run=run)
@@ -148,9 +182,10 @@ class Evaluation:
                                  f"captions for {len(self._texts)}")
             texts = encode_texts(self.model, perturbed, self.cache)
         views = [View(condition, clean.images if images is None else images,
-                      clean.texts if texts is None else texts, self.task, clean)]
+                      clean.texts if texts is None else texts, self.task, clean, layers=layers)]
         if images is not None and texts is not None:
-            views.append(View(f"{condition}_image", images, clean.texts, self.task, clean))
+            views.append(View(f"{condition}_image", images, clean.texts, self.task, clean,
+                              layers=layers))
             views.append(View(f"{condition}_text", clean.images, texts, self.task, clean))
         return views
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 from .. import metrics
+from ..avqi import avqi_components, layer_avqi
 from ..search import VectorIndex
 from .views import Metric, View
 
-__all__ = ["BUILTIN_METRICS", "geometry", "knn", "retrieval", "zero_shot"]
+__all__ = ["BUILTIN_METRICS", "avqi", "geometry", "knn", "retrieval", "zero_shot"]
 
 KNN_K, KNN_T = 20, 0.07
 
@@ -101,6 +102,21 @@ def geometry(view: View) -> dict[str, Any] | None:
             "uniformity": metrics.uniformity(view.images)}
 
 
+def avqi(view: View) -> dict[str, Any] | None:
+    """AVQI (:mod:`mmsec.avqi`) of the condition's image embeddings against the clean ones
+    (``avqi``: in [0, 1], higher = attacked images camouflaged among clean ones), and per
+    image layer (``avqi_<layer>``) over the views' layer activations."""
+    if view.is_clean or view.images is view.clean.images or len(view.images) < 2:
+        return None
+    out: dict[str, Any] = {"avqi": avqi_components(view.clean.images, view.images)["avqi"]}
+    if view.layers and view.clean.layers:
+        n = min(len(next(iter(view.layers.values()))),
+                len(next(iter(view.clean.layers.values()))))
+        for name, value in layer_avqi(view.clean.layers, view.layers).items():
+            out[f"avqi_{name}"] = (value, n)
+    return out
+
+
 BUILTIN_METRICS = (
     Metric("zero_shot", zero_shot, "zero-shot top-1/top-5; fooling rate and ASR under attack",
            relative=("fooling_rate", "asr")),
@@ -109,4 +125,7 @@ BUILTIN_METRICS = (
     Metric("retrieval", retrieval, "image->text / text->image recall@1/5/10 and retrieval ASR",
            relative=("retrieval_asr_",)),
     Metric("geometry", geometry, "alignment and uniformity of clean embeddings (Wang & Isola)"),
+    Metric("avqi", avqi, "AVQI: attacked vs clean embeddings' cluster overlap, final and per "
+                         "layer (higher = more vulnerable)", relative=("avqi", "avqi_"),
+           layers=True),
 )

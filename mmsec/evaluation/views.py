@@ -47,7 +47,11 @@ class Task:
 class View:
     """Embeddings under one condition: ``images`` ``[N, D]``, ``texts`` ``[M, D]`` (captions,
     possibly perturbed; None without real captions), and the clean view to compare with
-    (None for the clean view itself). ``memo`` keeps what probes computed on it."""
+    (None for the clean view itself). ``memo`` keeps what probes computed on it.
+
+    ``layers``: ``{layer: [n, C]}`` pooled image-tower activations of the first ``n`` images
+    (``ClipModel.layer_names("image")``), present when a probe of the evaluation declares
+    ``layers=True``; None otherwise (or when the condition left the images unchanged)."""
 
     condition: str
     images: torch.Tensor
@@ -55,6 +59,7 @@ class View:
     task: Task
     clean: View | None = None
     memo: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, torch.Tensor] | None = None
 
     @property
     def is_clean(self) -> bool:
@@ -67,7 +72,9 @@ class Metric:
     (a value may be ``(value, n_items)``), or None when it does not apply to the view.
 
     ``relative`` lists the metric names (or name prefixes ending in ``_``) that compare the
-    view with the clean one; they are named bare for the ``adv`` condition.
+    view with the clean one; they are named bare for the ``adv`` condition. ``layers``: the
+    probe reads ``View.layers`` (the pipeline then computes pooled layer activations of the
+    first ``Evaluation.layer_items`` images of each view).
     """
 
     name: str
@@ -75,6 +82,7 @@ class Metric:
     description: str = ""
     relative: tuple[str, ...] = ()
     plugin: str = "mmsec"
+    layers: bool = False
 
     def is_relative(self, metric: str) -> bool:
         return any(metric == r or (r.endswith("_") and metric.startswith(r))

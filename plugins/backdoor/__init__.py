@@ -213,6 +213,13 @@ class Backdoor(Attack):
         ctl = trigger_from_artifact(artifact).control(seed)
         return artifact.variant(dict(ctl.tensors), params=ctl.params, control=True)
 
+    def sample(self, seed: int = 0) -> Artifact:
+        """A trigger of the configured type drawn with ``seed``, implanted nowhere (no target):
+        triggered inputs for a defense that learns what attacked inputs look like."""
+        opts = self.settings()
+        trigger = TRIGGERS[opts["trigger"]].create(opts, seed)
+        return self.spec(trigger, Target(None, None), seed)
+
 
 @hookimpl
 def register_attacks(register):

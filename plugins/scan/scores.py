@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mmsec import UsageError, VectorIndex
+from mmsec import UsageError, VectorIndex, metrics
 
 __all__ = ["SCORES", "Neighbourhoods", "auroc", "misalignment", "neighbourhoods", "recall_at",
            "score_all"]
@@ -178,21 +178,11 @@ def misalignment(images: torch.Tensor, texts: torch.Tensor, owner: torch.Tensor,
 
 
 def auroc(scores: torch.Tensor, positive: torch.Tensor) -> float:
-    """Area under the ROC curve of ``scores`` for the boolean ``positive`` (ties count half):
-    the chance that a random positive scores above a random negative."""
-    s = scores.double().cpu().numpy()
-    y = positive.bool().cpu().numpy()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
-        raise UsageError("scan: AUROC needs positive and negative items")
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s), dtype=np.float64)
-    sorted_s = s[order]
-    # average ranks over ties (1-based)
-    _, start, counts = np.unique(sorted_s, return_index=True, return_counts=True)
-    avg = start + (counts + 1) / 2.0
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """``mmsec.metrics.auroc``, with scan's error when a class is missing."""
+    try:
+        return metrics.auroc(scores, positive)
+    except ValueError as exc:
+        raise UsageError(f"scan: {exc}") from exc
 
 
 def recall_at(scores: torch.Tensor, positive: torch.Tensor, rate: float) -> float:
