@@ -134,3 +134,36 @@ def test_hardened_model_and_detector_through_eval(grace_run, tmp_path):
     with pytest.raises(UsageError, match="no such file"):
         api.eval(api.Settings(out=tmp_path / "x", quiet=True, limit=10),
                  detector=str(tmp_path / "missing.safetensors"))
+
+
+def test_adapter_on_a_vit_tower(tiny_vit):
+    """The adapter reads every ViT block; the wrapped model's embeddings change, its layer
+    outputs and the base model do not, and its cache fingerprint is its own."""
+    from mmsec_plugins.grace.net import GraceNet
+
+    from mmsec import AdaptedModel
+
+    torch.manual_seed(0)
+    tiny_vit.eval()
+    x = torch.rand(8, 3, 32, 32)
+    with torch.no_grad():
+        emb, layers = tiny_vit.forward_features(x)
+    assert list(layers) == ["block0", "block1", "block2"]
+    net = GraceNet({k: v.shape[1] for k, v in layers.items()}, emb.shape[1], dim=8, hidden=16)
+    net.set_stats(layers)
+    with torch.no_grad():  # a zero-initialised restorer changes nothing: give it weights
+        assert torch.allclose(net(emb, layers), emb, atol=1e-6)
+        net.restorer[2].weight.normal_()
+    model = AdaptedModel(tiny_vit, Grace(), net, list(layers), net.spec())
+    with torch.no_grad():
+        out, again = model.forward_features(x)
+    assert not torch.allclose(out, emb)
+    assert all(torch.allclose(again[k], layers[k]) for k in layers)
+    assert torch.allclose(tiny_vit.encode_image(x), emb)
+    assert model.cacheable and model.fingerprint != tiny_vit.fingerprint
+    spec = model.wrapper_spec()
+    assert spec["kind"] == "embedding-adapter" and spec["defense"] == "grace"
+    rebuilt = Grace().build_adapter(spec["adapter"])
+    rebuilt.load_state_dict(model.wrapper_tensors())
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(emb, layers), net(emb, layers))
