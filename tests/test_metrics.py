@@ -387,3 +387,25 @@ def test_retrieval_topk_matches_full_ranking_random() -> None:
     hits = M.retrieval_hits(images, texts, t2i, ks=ks, chunk_size=4096)
     assert all(hits[key].tolist() == ref[key].tolist() for key in ref)
     assert 0 < float(ref["i2t_r1"].float().mean()) < 1  # not trivial
+
+
+def test_retrieval_probe_computes_clean_hits_once(monkeypatch) -> None:
+    """Attacked views measured without the clean one share one computation of its hits."""
+    from mmsec.evaluation import probes
+    from mmsec.evaluation.views import Task, View
+
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(6, 4, generator=g), torch.randn(12, 4, generator=g)
+    task = Task(n_items=6, split="test", dataset="toy", labels=torch.zeros(6, dtype=torch.long),
+                caption_owner=torch.arange(6).repeat_interleave(2))
+    clean = View("clean", images, texts, task)
+    calls = []
+    real = M.retrieval_hits
+    monkeypatch.setattr(M, "retrieval_hits", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for i in range(3):
+        adv = View(f"adv{i}", images + 0.5 * torch.randn(6, 4, generator=g), texts, task, clean)
+        out = probes.retrieval(adv)
+        assert "i2t_r1" in out
+    assert len(calls) == 4  # three attacked views + the clean one, once
+    assert torch.equal(clean.memo["retrieval_hits"]["i2t_r1"], real(images, texts,
+                                                                    task.caption_owner)["i2t_r1"])
