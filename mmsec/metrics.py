@@ -104,6 +104,38 @@ def _rank_of(scores: Tensor, target_idx: Tensor) -> Tensor:
     return rank.masked_fill(target_scores.squeeze(1).isnan(), torch.iinfo(torch.long).max)
 
 
+_NEVER = torch.iinfo(torch.long).max
+
+
+def _masked_sims(queries: Tensor, gallery: Tensor, bad_gallery: Tensor | None) -> Tensor:
+    """``queries @ gallery.T`` with the ``bad_gallery`` columns (non-finite items, zeroed by
+    the caller) at ``-inf``: ranked last, as :func:`_rank_of` ranks NaN scores."""
+    sims = queries @ gallery.T
+    if bad_gallery is not None:
+        sims[:, bad_gallery] = float("-inf")
+    return sims
+
+
+def _topk_rank(scores: Tensor, target_idx: Tensor, k: int) -> Tensor:
+    """:func:`_rank_of` clipped to ``k`` (ranks ``>= k`` read ``k``) from one top-``k`` pass.
+
+    A target scoring above the ``k``-th score has every score ``>=`` its own inside the top
+    ``k``, so its rank is counted there (ties: the equal scores of lower index); one scoring
+    below it ranks ``>= k``; one scoring exactly the ``k``-th score (a tie across the cut,
+    rare) is ranked on its whole row. ``scores`` ``[R, M]`` must hold no NaN.
+    """
+    if k >= scores.shape[1]:
+        return _rank_of(scores, target_idx)
+    target = scores.gather(1, target_idx[:, None])
+    vals, idx = scores.topk(k, dim=1, sorted=False)
+    rank = (vals > target).sum(dim=1) + ((vals == target) & (idx < target_idx[:, None])).sum(dim=1)
+    cut = vals.min(dim=1).values == target.squeeze(1)
+    if bool(cut.any()):
+        rows = cut.nonzero().squeeze(1)
+        rank[rows] = _rank_of(scores[rows], target_idx[rows]).clamp(max=k)
+    return rank
+
+
 # --------------------------------------------------------------------------------------------
 # classification
 # --------------------------------------------------------------------------------------------
@@ -456,25 +488,44 @@ def retrieval_hits(
         missing = torch.nonzero(captions_per_image == 0).flatten()[:5].tolist()
         raise ValueError(f"images without any caption (first few): {missing}")
 
-    # image -> text: the best-ranked caption of image i is its most similar caption (lowest
-    # index among equals); its rank is then the image's rank.
+    # Hits at k <= K need only each query's top K (K = max(ks)): one matmul and one top-k per
+    # block of queries; rows with an exact tie at the target's score are re-ranked exactly.
+    kmax = max(int(k) for k in ks)
+    # A non-finite embedding is never a hit and ranks last as a candidate: its row is zeroed
+    # here and its column set to -inf in each block (no NaN reaches top-k).
+    bad_img = ~torch.isfinite(img).all(dim=1)
+    bad_txt = ~torch.isfinite(txt).all(dim=1)
+    any_bad = bool(bad_img.any()) or bool(bad_txt.any())
+    if any_bad:
+        img = img.masked_fill(bad_img[:, None], 0.0)
+        txt = txt.masked_fill(bad_txt[:, None], 0.0)
+    # image -> text: an image's rank is that of its best-ranked caption = its most similar
+    # caption (lowest index among equals). ``own`` [N, C]: each image's caption indices in
+    # increasing order, padded with -1.
+    order = torch.argsort(t2i, stable=True)
+    slot = torch.arange(m, device=img.device) - torch.repeat_interleave(
+        torch.cumsum(captions_per_image, 0) - captions_per_image, captions_per_image)
+    own = torch.full((n, int(captions_per_image.max())), -1, dtype=torch.long, device=img.device)
+    own[t2i[order], slot] = order
     i2t_rank = torch.empty(n, dtype=torch.long, device=img.device)
     for start in range(0, n, chunk_size):
-        sims = img[start : start + chunk_size] @ txt.T  # [R, M]
-        rows = torch.arange(start, start + sims.shape[0], device=img.device)
-        is_caption = t2i[None, :] == rows[:, None]
-        masked = sims.nan_to_num(nan=float("-inf")).masked_fill(~is_caption, float("-inf"))
-        best_sim = masked.max(dim=1, keepdim=True).values
-        # first caption column attaining the best similarity (argmax returns the first max);
-        # if all captions are NaN this picks a NaN one, which _rank_of then counts as a miss
-        first_best = (is_caption & (masked == best_sim)).to(torch.uint8).argmax(dim=1)
-        i2t_rank[start : start + sims.shape[0]] = _rank_of(sims, first_best)
+        stop = min(n, start + chunk_size)
+        sims = _masked_sims(img[start:stop], txt, bad_txt if any_bad else None)  # [R, M]
+        cand = own[start:stop]
+        own_sims = sims.gather(1, cand.clamp(min=0)).masked_fill(cand < 0, float("-inf"))
+        best = cand.gather(1, own_sims.argmax(dim=1, keepdim=True)).squeeze(1)
+        rank = _topk_rank(sims, best, kmax)
+        i2t_rank[start:stop] = rank.masked_fill(bad_img[start:stop] | bad_txt[best],
+                                                _NEVER)
 
     # text -> image
     t2i_rank = torch.empty(m, dtype=torch.long, device=img.device)
     for start in range(0, m, chunk_size):
-        sims = txt[start : start + chunk_size] @ img.T  # [R, N]
-        t2i_rank[start : start + sims.shape[0]] = _rank_of(sims, t2i[start : start + sims.shape[0]])
+        stop = min(m, start + chunk_size)
+        sims = _masked_sims(txt[start:stop], img, bad_img if any_bad else None)  # [R, N]
+        target = t2i[start:stop]
+        rank = _topk_rank(sims, target, kmax)
+        t2i_rank[start:stop] = rank.masked_fill(bad_txt[start:stop] | bad_img[target], _NEVER)
 
     hits: dict[str, Tensor] = {}
     for k in ks:

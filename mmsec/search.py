@@ -215,9 +215,27 @@ class VectorIndex:
         return t.contiguous()
 
     def add(self, vectors: torch.Tensor | np.ndarray) -> None:
-        """Append vectors [M, D]; they get rows ``ntotal .. ntotal+M-1``."""
+        """Append vectors [M, D]; they get rows ``ntotal .. ntotal+M-1``.
+
+        Memory: the index's own storage plus, on faiss-cpu, nothing more for float32 CPU
+        input (the raw rows are added, then normalised in place in FAISS's storage), so a
+        build peaks where FAISS's does; other input is first converted to float32.
+        """
         if self._db is not None:
-            self._db = torch.cat([self._db, self._prep(vectors, self.device)], dim=0)
+            x = self._prep(vectors, self.device)
+            self._db = x if self._db.shape[0] == 0 else torch.cat([self._db, x], dim=0)
+        elif self._cpu_index is self._faiss_index and self.normalize:
+            t = vectors if isinstance(vectors, torch.Tensor) else torch.as_tensor(
+                np.asarray(vectors))
+            if t.ndim != 2 or t.shape[1] != self.dim:
+                raise ValueError(f"expected shape [M, {self.dim}], got {tuple(t.shape)}")
+            start = int(self._cpu_index.ntotal)
+            self._cpu_index.add(t.detach().to("cpu", torch.float32).contiguous().numpy())
+            faiss = _import_faiss()
+            total = int(self._cpu_index.ntotal)
+            stored = faiss.rev_swig_ptr(self._cpu_index.get_xb(), total * self.dim)
+            # FAISS's own in-place normalisation, on the new rows of its storage (a view)
+            faiss.normalize_L2(stored.reshape(total, self.dim)[start:])
         else:
             x = self._prep(vectors, torch.device("cpu")).numpy()
             self._faiss_index.add(x)
@@ -401,6 +419,7 @@ def kmeans(
     spherical: bool = False,
     *,
     backend: str | None = None,
+    max_points_per_centroid: int | None = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """k-means clustering, deterministic for a given seed (on CUDA the torch backend's sums may
     differ in the last bits between runs).
@@ -408,6 +427,11 @@ def kmeans(
     The data is used as given (no normalisation). With ``spherical=True`` points are assigned by
     inner product and centroids are L2-normalised after each update (as ``faiss.Kmeans``): pass
     L2-normalised ``x`` for cosine k-means. Works for D=1 and for N as small as k.
+
+    As ``faiss.Kmeans`` does by default, the centroids are trained on a random sample of
+    ``k * max_points_per_centroid`` points when N is larger (None: on every point); every
+    point is then assigned to its nearest centroid. With faiss this is ``faiss.Kmeans`` with
+    its defaults plus one assignment search: the same time and memory as calling it directly.
 
     Args:
         x: [N, D] points, N >= k.
@@ -417,6 +441,7 @@ def kmeans(
         spherical: see above.
         backend: ``"faiss"`` (``faiss.Kmeans``; on the GPU when FAISS sees one) or ``"torch"``
             (Lloyd's on x's device); None = faiss when installed, else torch.
+        max_points_per_centroid: training sample per centroid (see above).
 
     Returns:
         centroids float32 [k, D] and assign int64 [N] (cluster of each point), on x's device.
@@ -431,6 +456,9 @@ def kmeans(
         raise ValueError(f"kmeans needs 1 <= k <= N, got k={k}, N={n}")
     out_dev = t.device
     t = t.detach().to(torch.float32)
+    if max_points_per_centroid is not None and max_points_per_centroid < 1:
+        raise ValueError(f"max_points_per_centroid must be >= 1, got {max_points_per_centroid}")
+    cap = max_points_per_centroid if max_points_per_centroid is not None else math.ceil(n / k)
     if backend is None:
         backend = "faiss" if _import_faiss() is not None else "torch"
     if backend in ("faiss", "faiss-cpu", "faiss-gpu"):
@@ -448,7 +476,7 @@ def kmeans(
             gpu=use_gpu,
             verbose=False,
             min_points_per_centroid=1,
-            max_points_per_centroid=max(256, math.ceil(n / k)),
+            max_points_per_centroid=cap,
         )
         km.train(xn)
         _, assign = km.index.search(xn, 1)
@@ -456,5 +484,13 @@ def kmeans(
         return cent.to(out_dev), torch.from_numpy(assign[:, 0].astype(np.int64)).to(out_dev)
     if backend != "torch":
         raise UsageError(f"unknown kmeans backend {backend!r}; choose 'faiss' or 'torch'")
-    return _torch_kmeans(t, k, niter, seed, spherical)
+    if n <= k * cap:
+        return _torch_kmeans(t, k, niter, seed, spherical)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    sample = torch.randperm(n, generator=gen)[: k * cap].to(t.device)
+    cent, _ = _torch_kmeans(t[sample], k, niter, seed, spherical)
+    if spherical:
+        return cent, (t @ cent.T).argmax(1)
+    d2 = (t.pow(2).sum(1, keepdim=True) - 2 * t @ cent.T + cent.pow(2).sum(1)).clamp_min_(0)
+    return cent, d2.argmin(1)
 

@@ -565,3 +565,51 @@ def test_kmeans_torch_identical_points() -> None:
     cent, assign = kmeans(x, 2, backend="torch")
     assert cent.shape == (2, 3) and assign.shape == (5,)
     assert torch.isfinite(cent).all()
+
+
+@needs_faiss
+def test_faiss_index_normalises_in_its_own_storage() -> None:
+    """The faiss-cpu build adds the raw rows and normalises them in FAISS's storage: the
+    caller's tensor is untouched and the stored rows are the normalised ones."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 8, generator=g) * 3
+    x[5] = 0.0  # a zero row stays zero, as with F.normalize
+    before = x.clone()
+    index = VectorIndex(x, backend="faiss-cpu")
+    assert torch.equal(x, before)
+    assert torch.allclose(index._torch_db(), torch.nn.functional.normalize(x, dim=1),
+                          atol=1e-6, rtol=0)
+    more = torch.randn(7, 8, generator=g, dtype=torch.float64)  # converted, then appended
+    index.add(more.numpy())
+    assert len(index) == 407
+    assert torch.allclose(index._torch_db()[400:],
+                          torch.nn.functional.normalize(more.float(), dim=1), atol=1e-6, rtol=0)
+    exact = VectorIndex(torch.cat([x, more.float()]), backend="torch")
+    q = torch.randn(20, 8, generator=g)
+    assert torch.equal(index.knn(q, 5)[1], exact.knn(q, 5)[1])
+
+
+@pytest.mark.parametrize("backend", KMEANS_BACKENDS)
+def test_kmeans_trains_on_a_sample_like_faiss(backend: str) -> None:
+    """Above k * max_points_per_centroid points the centroids are trained on a sample (as
+    faiss.Kmeans does by default) and every point is assigned; None trains on all."""
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(700, 8, generator=g) * 0.2 + 3.0
+    b = torch.randn(500, 8, generator=g) * 0.2 - 3.0
+    x = torch.cat([a, b])
+    truth = torch.cat([torch.zeros(700), torch.ones(500)]).long()
+    for cap in (256, 10, None):
+        cent, assign = kmeans(x, 2, seed=0, backend=backend, max_points_per_centroid=cap)
+        assert assign.shape == (1200,) and matches_labels(assign, truth)
+        assert float(torch.cdist(cent, torch.stack([a.mean(0), b.mean(0)])).min(1).values
+                     .max()) < 0.2
+    if backend == "faiss":
+        import faiss
+
+        km = faiss.Kmeans(8, 2, niter=20, seed=0)  # faiss's defaults: 256 points a centroid
+        km.train(x.numpy())
+        cent, assign = kmeans(x, 2, seed=0, backend=backend)
+        assert np.array_equal(cent.numpy(), km.centroids)
+        assert np.array_equal(assign.numpy(), km.index.search(x.numpy(), 1)[1][:, 0])
+    with pytest.raises(ValueError):
+        kmeans(x, 2, backend=backend, max_points_per_centroid=0)

@@ -330,3 +330,82 @@ def test_metrics_do_not_track_gradients() -> None:
     x = torch.randn(4, 3, requires_grad=True)
     out = M.zero_shot_logits(x, torch.randn(2, 3))
     assert not out.requires_grad
+
+
+def _reference_hits(images, texts, t2i, ks):
+    """Retrieval hits by full stable sorts (ties: lower index first; NaN never a hit)."""
+    img, txt = M._normalize(images), M._normalize(texts)
+    n = img.shape[0]
+
+    def positions(sims):  # [R, C] -> rank of every column in its row
+        order = sims.nan_to_num(nan=float("-inf")).sort(dim=1, descending=True, stable=True)
+        pos = torch.empty_like(order.indices)
+        pos.scatter_(1, order.indices, torch.arange(sims.shape[1]).expand_as(pos))
+        return pos
+
+    bad_i, bad_t = img.isnan().any(1), txt.isnan().any(1)
+    never = 10**9
+    pos_it = positions(img @ txt.T)
+    own = t2i[None, :] == torch.arange(n)[:, None]
+    i2t = pos_it.masked_fill(~own | bad_t[None, :], never).min(dim=1).values
+    i2t = i2t.masked_fill(bad_i, never)
+    t2i_rank = positions(txt @ img.T).gather(1, t2i[:, None]).squeeze(1)
+    t2i_rank = t2i_rank.masked_fill(bad_t | bad_i[t2i], never)
+    return {**{f"i2t_r{k}": i2t < k for k in ks}, **{f"t2i_r{k}": t2i_rank < k for k in ks}}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_retrieval_topk_matches_full_ranking_with_ties(seed: int) -> None:
+    """The top-k retrieval gives the hits of a full ranking, exact ties and NaN included:
+    one-hot and duplicated embeddings make many exactly equal similarities."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = 40, 6
+    eye = torch.cat([torch.eye(d), -torch.eye(d), torch.zeros(1, d)])
+    images = eye[torch.randint(len(eye), (n,), generator=g)]
+    images[: n // 4] = torch.randn(n // 4, d, generator=g)
+    per = torch.randint(1, 4, (n,), generator=g)
+    t2i = torch.arange(n).repeat_interleave(per)[torch.randperm(int(per.sum()), generator=g)]
+    texts = eye[torch.randint(len(eye), (len(t2i),), generator=g)]
+    texts[::3] = images[t2i[::3]]  # duplicates of their image (and of each other)
+    images[3], texts[5] = float("nan"), float("nan")
+    for ks in ((1,), (1, 2, 5, 10), (3, 200)):  # top-k paths, and k >= N, M (full ranks)
+        ref = _reference_hits(images, texts, t2i, ks)
+        for chunk in (7, 1024):
+            hits = M.retrieval_hits(images, texts, t2i, ks=ks, chunk_size=chunk)
+            for key in ref:
+                assert hits[key].tolist() == ref[key].tolist(), (key, chunk)
+
+
+def test_retrieval_topk_matches_full_ranking_random() -> None:
+    g = torch.Generator().manual_seed(0)
+    n, per = 300, 3
+    images = torch.randn(n, 16, generator=g)
+    texts = images.repeat_interleave(per, 0) + 1.5 * torch.randn(n * per, 16, generator=g)
+    t2i = torch.arange(n).repeat_interleave(per)
+    ks = (1, 5, 10)
+    ref = _reference_hits(images, texts, t2i, ks)
+    hits = M.retrieval_hits(images, texts, t2i, ks=ks, chunk_size=4096)
+    assert all(hits[key].tolist() == ref[key].tolist() for key in ref)
+    assert 0 < float(ref["i2t_r1"].float().mean()) < 1  # not trivial
+
+
+def test_retrieval_probe_computes_clean_hits_once(monkeypatch) -> None:
+    """Attacked views measured without the clean one share one computation of its hits."""
+    from mmsec.evaluation import probes
+    from mmsec.evaluation.views import Task, View
+
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(6, 4, generator=g), torch.randn(12, 4, generator=g)
+    task = Task(n_items=6, split="test", dataset="toy", labels=torch.zeros(6, dtype=torch.long),
+                caption_owner=torch.arange(6).repeat_interleave(2))
+    clean = View("clean", images, texts, task)
+    calls = []
+    real = M.retrieval_hits
+    monkeypatch.setattr(M, "retrieval_hits", lambda *a, **k: calls.append(a) or real(*a, **k))
+    for i in range(3):
+        adv = View(f"adv{i}", images + 0.5 * torch.randn(6, 4, generator=g), texts, task, clean)
+        out = probes.retrieval(adv)
+        assert "i2t_r1" in out
+    assert len(calls) == 4  # three attacked views + the clean one, once
+    assert torch.equal(clean.memo["retrieval_hits"]["i2t_r1"], real(images, texts,
+                                                                    task.caption_owner)["i2t_r1"])

@@ -63,7 +63,9 @@ def knn(view: View) -> dict[str, Any] | None:
         return {"knn_top1": metrics.knn_accuracy(None, t.labels, None, t.bank[1], k=KNN_K,
                                                  T=KNN_T, neighbors=neighbours,
                                                  num_classes=num_classes)}
-    clean = view.clean.memo.get("knn") or index.knn(view.clean.images, KNN_K)
+    clean = view.clean.memo.get("knn")
+    if clean is None:
+        clean = view.clean.memo["knn"] = index.knn(view.clean.images, KNN_K)
     return {"knn_fooling_rate": metrics.knn_fooling_rate(
         None, None, None, t.bank[1], k=KNN_K, T=KNN_T, clean_neighbors=clean,
         adv_neighbors=neighbours)}
@@ -84,8 +86,10 @@ def retrieval(view: View) -> dict[str, Any] | None:
         out[k] = (float(h.float().mean()), n_texts if k.startswith("t2i") else t.n_items)
     if view.is_clean:
         return out
-    before = view.clean.memo.get("retrieval_hits") or metrics.retrieval_hits(
-        view.clean.images, view.clean.texts, t.caption_owner)
+    before = view.clean.memo.get("retrieval_hits")
+    if before is None:  # the clean view was not measured: compute its hits once, here
+        before = metrics.retrieval_hits(view.clean.images, view.clean.texts, t.caption_owner)
+        view.clean.memo["retrieval_hits"] = before
     for k, h in hits.items():
         if before[k].any():
             n = int(before[k].sum())

@@ -519,7 +519,9 @@ class InverTune(Defense):
             for i, ap in enumerate(aps):
                 for n in chosen:
                     elem = (a[n] - ap[n]).abs().mean(0).flatten()  # element-wise shift
-                    cent, assign = kmeans(elem[:, None], 2, seed=run.seed)
+                    # every neuron trains the split (a few thousand 1-D points: cheap)
+                    cent, assign = kmeans(elem[:, None], 2, seed=run.seed,
+                                          max_points_per_centroid=None)
                     hi = int(cent[:, 0].argmax())
                     masks[i, n] = (assign == hi).float().view(a[n].shape[1:]).to(device)
             orig = torch.cat([model.encode_image(b.to(device)) for b in x.split(256)])
