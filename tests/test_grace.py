@@ -159,7 +159,7 @@ def test_adapter_on_a_vit_tower(tiny_vit):
         out, again = model.forward_features(x)
     assert not torch.allclose(out, emb)
     assert all(torch.allclose(again[k], layers[k]) for k in layers)
-    assert torch.allclose(tiny_vit.encode_image(x), emb)
+    assert torch.allclose(tiny_vit.encode_image(x), emb, atol=1e-5)
     assert model.cacheable and model.fingerprint != tiny_vit.fingerprint
     spec = model.wrapper_spec()
     assert spec["kind"] == "embedding-adapter" and spec["defense"] == "grace"
