@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MmsecError, UsageError
+from .headline import headline
 from .io import write_atomic
 
 __all__ = ["merge_runs", "md_table", "read_results", "render_report", "write_report_table"]
@@ -58,6 +59,13 @@ def render_report(results: Mapping[str, Any], images: Sequence[str] = (),
     lines += [status + ".", ""]
     if results.get("error"):
         lines += [f"Error: `{results['error']}`", ""]
+    head = headline(results)
+    if head.rows or head.notes:
+        lines += ["## Headline", ""]
+        if head.rows:
+            table = head.table()
+            lines += [md_table(table[0], table[1:]), ""]
+        lines += [f"- {note}" for note in head.notes] + ([""] if head.notes else [])
     settings = [
         "model", "pretrained", "dataset", "split", "seed", "device", "precision",
         "plugin_version", "mmsec_version",
