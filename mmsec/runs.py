@@ -6,6 +6,8 @@ A run folder holds::
     report.md                 the human report (settings, metrics, images, extra sections)
     config.yaml               the resolved configuration
     run.log                   everything logged through ``run.log``
+    scalars.jsonl             training scalars (``mmsec.scalars``; TensorBoard/W&B besides)
+    figures/curves.png        the training curves drawn from them (report.md shows it)
     checkpoints/<slot>.safetensors   the latest checkpoint of each stage (for ``--resume``)
     artifacts/                patches, UAPs, models, images
 
