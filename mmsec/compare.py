@@ -144,6 +144,8 @@ def compare(runs: Sequence[RunRecord]) -> Comparison:
     attack_of = {_norm(r.results.get("attack_artifact")):
                  attack_label(str(r.results.get("plugin")), r.options)
                  for r in attack_runs if r.results.get("attack_artifact")}
+    fitted_on = {_norm(r.results.get("attack_artifact")): _target(r.results)
+                 for r in attack_runs if r.results.get("attack_artifact")}
     defense_of = {_norm(r.results.get("model_checkpoint")):
                   defense_label(str(r.results.get("plugin")), r.options)
                   for r in defend_runs if r.results.get("model_checkpoint")}
@@ -195,6 +197,8 @@ def compare(runs: Sequence[RunRecord]) -> Comparison:
                                           float(m["clean_top1"]), float(m["robust_top1"])))
         elif r.kind == "eval" and given:
             attack = attack_of.get(_norm(given)) or r.results.get("plugin")
+            if attack and fitted_on.get(_norm(given), _target(r.results)) != _target(r.results):
+                attack = f"{attack} -> {_target(r.results)}"  # a transfer: a row of its own
             metric = "asr" if "asr" in m else "adv_top1"
             cell(attack, defense, metric, metric)
     return out
@@ -212,6 +216,10 @@ def _eps_point(out: Comparison, clean_of: dict[str, float], label: str, r: RunRe
         clean_of[label] = float(m["clean_top1"])
         points.append((0.0, float(m["clean_top1"])))
     points.append((float(eps), float(m[key])))
+
+
+def _target(results: Mapping[str, Any]) -> str:
+    return f"{results.get('model')} / {results.get('dataset')}"
 
 
 def _recorded_attack(results: Mapping[str, Any]) -> str | None:

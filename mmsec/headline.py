@@ -105,7 +105,15 @@ def headline(results: Mapping[str, Any]) -> Headline:
     kind = results.get("kind")
     h = Headline(_title(results), ("value",))
     targeted = "asr" in m or "before_asr" in m
-    if kind == "defend":
+    if kind == "defend" and not any(k.startswith("after_") for k in m):
+        # a data defense (a poisoned-pair scan): the model is measured once; its own
+        # detection figures are the headline
+        h.rows = _rows(_row(m, "clean top-1", "before_clean_top1"))
+        score = (results.get("options") or {}).get("score")
+        ranked = [k for k in m if k.endswith(("_auroc", "_recall@flag"))
+                  and (score is None or f"_{score}_" in k)]
+        h.rows += [(k.replace("_", " "), m[k]) for k in ranked[:4]]
+    elif kind == "defend":
         h.columns = ("before", "after")
         if targeted:
             h.rows = _rows(_row(m, "CA (clean top-1)", "before_clean_top1", "after_clean_top1"),

@@ -166,3 +166,52 @@ def test_a_command_ends_with_its_headline_and_report_path(tmp_path):
     n = len(json.loads((out / "results.json").read_text())["metrics"])
     assert len(lines) < n  # the headline, not every metric
     assert "## Headline" in (out / "report.md").read_text()
+
+
+def test_data_defense_headline_shows_its_detection_figures():
+    h = headline(_res("defend", {"before_clean_top1": 0.9, "scan_lid_auroc": 0.93,
+                                 "scan_kdist_auroc": 0.8, "scan_lid_recall@flag": 0.7},
+                      plugin="scan", options={"score": "lid"}))
+    assert h.rows == [("clean top-1", 0.9), ("scan lid auroc", 0.93),
+                      ("scan lid recall@flag", 0.7)]
+
+
+def test_comparison_labels_settings_and_keeps_transfers_apart(tmp_path):
+    from mmsec.compare import RunRecord, compare
+
+    def run(name, **res):
+        res.setdefault("model", "zoo:shapes")
+        res.setdefault("dataset", "procedural")
+        return RunRecord(tmp_path / name, res)
+
+    runs = [
+        run("p2", kind="attack", plugin="pgd", options={"eps": 2 / 255, "steps": 10},
+            metrics={"clean_top1": 1.0, "adv_top1": 0.6}, attack_artifact="p2/a"),
+        run("p4", kind="attack", plugin="pgd", options={"eps": 4 / 255, "steps": 10},
+            metrics={"clean_top1": 1.0, "adv_top1": 0.2}, attack_artifact="p4/a"),
+        run("patch", kind="attack", plugin="advclip", options={"area": 0.03},
+            metrics={"clean_top1": 1.0, "adv_top1": 0.5}, attack_artifact="patch/a"),
+        run("moved", kind="eval", model="zoo:fashion", dataset="fashion-mnist",
+            attack_artifact="./patch/a", metrics={"clean_top1": 0.9, "adv_top1": 0.7}),
+        run("tune", kind="defend", plugin="fare", options={"eps": 4 / 255},
+            metrics={"before_clean_top1": 1.0, "after_clean_top1": 0.8},
+            model_checkpoint="tune/model"),
+        run("robust", kind="eval", robust="pgd", pretrained="tune/model",
+            options={"eps": 4 / 255, "steps": 10},
+            metrics={"clean_top1": 0.8, "robust_top1": 0.5}),
+    ]
+    comp = compare(runs)
+    attacks, defenses, cells = comp.matrix()
+    assert attacks == ["pgd eps=2/255", "pgd eps=4/255", "advclip",
+                       "advclip -> zoo:fashion / fashion-mnist"]
+    assert defenses == ["none", "fare"]
+    assert cells[("advclip", "none")].value == 0.5  # the transfer did not overwrite it
+    assert cells[("pgd eps=4/255", "fare")].value == 0.5
+    assert cells[("pgd eps=4/255", "fare")].success == 0.5 and comp.has_matrix and comp.has_eps
+    series = comp.eps_series
+    assert series["pgd / none (zoo:shapes, procedural)"] == [(0.0, 1.0), (2 / 255, 0.6),
+                                                            (4 / 255, 0.2)]
+    # pgd also ran as --robust: its runs on the undefended model are robust points too
+    assert [p[0] for p in comp.robust_points] == ["none (pgd eps=2/255)",
+                                                  "none (pgd eps=4/255)",
+                                                  "fare (pgd eps=4/255)"]
