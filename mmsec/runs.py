@@ -279,7 +279,7 @@ class Run:
         self.notes: list[str] = []
         #: training scalars: scalars.jsonl always, TensorBoard / W&B as asked (``--log``)
         self.scalars = ScalarLogger(self.dir, default_backends() if loggers is None
-                                    else check_backends(loggers))
+                                    else check_backends(loggers), config=self._config)
         self.status = "running"
         self.started = _utc_now()
         self.finished: datetime | None = None

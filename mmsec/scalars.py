@@ -19,7 +19,7 @@ import importlib.util
 import json
 import math
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,11 +68,14 @@ class ScalarLogger:
         directory: the run folder.
         backends: names from :data:`BACKENDS` (already checked with :func:`check_backends`).
         name: the run's name for W&B (default: the folder name).
-        config: the run's settings for W&B.
+        config: the run's settings for W&B (or a function that returns them when W&B
+            starts, at the first scalar: by then the run knows its model and options).
     """
 
     def __init__(self, directory: str | os.PathLike[str], backends: Sequence[str] = (), *,
-                 name: str | None = None, config: Mapping[str, Any] | None = None) -> None:
+                 name: str | None = None,
+                 config: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None
+                 ) -> None:
         self.path = Path(directory) / SCALARS_FILE
         self.backends = tuple(backends)
         self._file = None
@@ -81,7 +84,7 @@ class ScalarLogger:
         self._wandb_steps: set[str] = set()
         self._directory = Path(directory)
         self._name = name or self._directory.name
-        self._config = dict(config or {})
+        self._config = config
 
     # ------------------------------------------------------------------ back-ends
     def _jsonl(self):
@@ -101,9 +104,10 @@ class ScalarLogger:
         if self._wandb is None:
             import wandb
 
+            config = self._config() if callable(self._config) else self._config
             self._wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", "mmsec"),
                                      name=self._name, dir=str(self._directory),
-                                     config=self._config, reinit=True)
+                                     config=dict(config or {}), reinit=True)
         return self._wandb
 
     # ------------------------------------------------------------------ logging

@@ -215,3 +215,14 @@ def test_comparison_labels_settings_and_keeps_transfers_apart(tmp_path):
     assert [p[0] for p in comp.robust_points] == ["none (pgd eps=2/255)",
                                                   "none (pgd eps=4/255)",
                                                   "fare (pgd eps=4/255)"]
+
+
+def test_wandb_back_end_offline(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with Run.create(tmp_path / "run", "attack", "toy", loggers=("wandb",)) as run:
+        run.set("options", {"eps": 0.1})
+        _loop(run, lambda m, b: (m(b) ** 2).mean(), epochs=1)
+        run.finish({})
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
