@@ -29,10 +29,12 @@ class RunRecord:
 
     dir: Path
     results: dict[str, Any]
+    #: how the report names the run (default: its folder's name)
+    label: str | None = None
 
     @property
     def name(self) -> str:
-        return self.dir.name
+        return self.label or self.dir.name
 
     @property
     def metrics(self) -> dict[str, Any]:

@@ -51,6 +51,7 @@ figcaption{font-size:12px;color:#555}
 .curves img{image-rendering:auto}.plots figure img{image-rendering:auto}
 details{margin:.4em 0}.muted{color:#777}
 .settings{display:flex;gap:1.5em;flex-wrap:wrap;align-items:flex-start}
+.wide{overflow-x:auto}
 """
 
 # Sorting: numbers by value (data-v), text alphabetically; a second click reverses.
@@ -86,7 +87,11 @@ def load_runs(paths: Sequence[str | os.PathLike[str]]) -> list[RunRecord]:
     dirs = _expand_runs(paths)
     if not dirs:
         raise UsageError("no run folders given")
-    return [RunRecord(d, read_results(d / RESULTS_FILE)) for d in dirs]
+    names = [d.name for d in dirs]
+    # steps of different recipes share names ("implant"): those are named recipe/step
+    return [RunRecord(d, read_results(d / RESULTS_FILE),
+                      f"{d.parent.name}/{d.name}" if names.count(d.name) > 1 else None)
+            for d in dirs]
 
 
 def comparison_figures(comp: Comparison) -> dict[str, tuple[str, bytes]]:
@@ -181,8 +186,10 @@ def _run_section(index: int, run: RunRecord, base: Path | None) -> str:
                                       res.get("robust")) if p)
     parts = [f'<section class="run" id="run-{index}"><h2>{index}. {_e(title)} '
              f'<span class="muted">{_e(run.name)}</span></h2>']
-    where = _e(os.path.relpath(run.dir, base) if base else run.dir)
-    parts.append(f'<p class="muted">run folder: <code>{where}</code></p>')
+    where = Path(os.path.relpath(run.dir, base)) if base else run.dir
+    parts.append(f'<p class="muted">run folder: <code>{_e(where)}</code> '
+                 f'(<a href="{_e((where / "report.md").as_posix())}">report.md</a>, with the '
+                 "plugin's own sections)</p>")
     parts.append(_headline_html(res))
     settings = [[f"<th>{_e(k)}</th>", _cell(k, res.get(k))] for k in _SETTINGS
                 if res.get(k) is not None]
@@ -243,7 +250,8 @@ def render_html(runs: Sequence[RunRecord], figures: Mapping[str, tuple[str, byte
         f'<p class="muted">{len(runs)} run(s); written {stamp}. Click a column header to '
         "sort.</p>",
         '<section id="comparison"><h2>Runs</h2>',
-        _table(header, rows, "sortable", "runs-table"), "</section>",
+        '<div class="wide">', _table(header, rows, "sortable", "runs-table"), "</div>",
+        "</section>",
     ]
     if figures:
         parts.append('<section id="plots" class="plots"><h2>Plots</h2>')
