@@ -120,7 +120,8 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Run folders from the arguments: a run folder, its results.json, or a folder of runs."""
+    """Run folders from the arguments: a run folder, its results.json, or a folder of runs
+    (such as ``mmsec-runs/``, whose recipe folders hold runs one level further down)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -128,15 +129,33 @@ def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             found.append(path.parent)
         elif (path / RESULTS_FILE).is_file():
             found.append(path)
-        elif path.is_dir() and (
-            children := sorted(p.parent for p in path.glob(f"*/{RESULTS_FILE}"))
-        ):
+        elif path.is_dir() and (children := _runs_below(path)):
             found.extend(children)
         elif not path.exists():
             raise UsageError(f"{path}: no such run folder")
         else:
             raise UsageError(f"{path}: not a run folder (no {RESULTS_FILE})")
     return found
+
+
+def _runs_below(folder: Path) -> list[Path]:
+    """The run folders in ``folder`` (in name order) and in its sub-folders that are not
+    runs themselves (a recipe's steps, in the order they started)."""
+    runs: list[Path] = []
+    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
+        if (child / RESULTS_FILE).is_file():
+            runs.append(child)
+        else:
+            steps = [p.parent for p in child.glob(f"*/{RESULTS_FILE}")]
+            runs.extend(sorted(steps, key=lambda d: (str(_started(d)), d.name)))
+    return runs
+
+
+def _started(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / RESULTS_FILE).read_text("utf-8")).get("started"))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _format_option(value: Any) -> str:
