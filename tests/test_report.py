@@ -118,6 +118,10 @@ def test_a_flat_monitored_number_gets_a_note_in_the_headline(tmp_path):
     assert res["notes"][0].startswith("toy: loss stayed within 1% from epoch 1 to 5")
     assert "note: toy: loss" in headline(res).text()
     assert "- toy: loss stayed" in (tmp_path / "run" / "report.md").read_text()
+    # a number the plugin names is watched instead of the losses
+    with Run.create(tmp_path / "named", "attack", "toy", loggers=()) as run:
+        _loop(run, lambda m, b: (m(b) * 0).sum() + 1.0, epochs=4, monitor=["aux"])
+        assert [n.split(" stayed")[0] for n in run.finish({})["notes"]] == ["toy: aux"]
     # three flat epochs are not yet a plateau (patience 3 means four epochs)
     with Run.create(tmp_path / "short", "attack", "toy", loggers=()) as run:
         _loop(run, lambda m, b: (m(b) * 0).sum() + 1.0, epochs=3)

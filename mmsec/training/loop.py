@@ -223,9 +223,9 @@ def _plateau_notes(result: TrainResult, desc: str, monitor: Sequence[str] | None
     history = result.history
     if monitor is None:
         seen = dict.fromkeys(k for h in history for k in h)
-        # a control's number (a fixed random patch) is flat by design: not watched
-        monitor = [k for k in seen if (k == "loss" or k.startswith(("loss_", "val_")))
-                   and "control" not in k]
+        # the losses (and what early stopping watches); held-out numbers such as a clean
+        # accuracy that must stay put are watched only when a plugin names them
+        monitor = [k for k in seen if k == "loss" or k.startswith("loss_")]
         if stop is not None and stop.metric not in monitor:
             monitor.append(stop.metric)
     notes = []
@@ -288,8 +288,8 @@ def train(
         on_epoch_end: ``fn(epoch, means) -> extra numbers`` after each epoch (eval mode).
         checkpoint_every: ``"epoch"``, a number of steps, or ``"never"``.
         desc: label of the progress bar, log lines and logged scalars (default: the slot).
-        monitor: per-epoch numbers watched for a plateau (default: the losses, ``val_*``
-            numbers and ``stop``'s metric). One that stayed within 1% for the last
+        monitor: per-epoch numbers watched for a plateau (default: the losses and
+            ``stop``'s metric). One that stayed within 1% for the last
             ``plateau_epochs`` epochs or more gets a note under the run's headline.
         plateau_epochs: epochs a monitored number must stay flat to be noted.
 
