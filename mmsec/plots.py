@@ -156,7 +156,7 @@ def matrix(attacks: Sequence[str], defenses: Sequence[str],
     grid = np.full((len(attacks), len(defenses)), np.nan)
     for (a, d), (_, _, success) in cells.items():
         grid[attacks.index(a), defenses.index(d)] = success
-    fig = _figure(1.6 * len(defenses) + 2.5, 0.7 * len(attacks) + 1.8)
+    fig = _figure(1.6 * len(defenses) + 2.8, max(3.2, 0.7 * len(attacks) + 1.8))
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn_r", vmin=0, vmax=1,
                       aspect="auto")
@@ -168,7 +168,7 @@ def matrix(attacks: Sequence[str], defenses: Sequence[str],
     ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
     ax.set_xlabel("defense")
     ax.set_ylabel("attack")
-    fig.colorbar(image, ax=ax, label="attack success (ASR, or 1 - top-1 under attack)")
+    fig.colorbar(image, ax=ax, label="attack success")  # ASR, or 1 - top-1 under attack
     ax.set_title("attack x defense")
     return _png(fig)
 

@@ -139,15 +139,15 @@ def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
 
 
 def _runs_below(folder: Path) -> list[Path]:
-    """The run folders in ``folder`` (in name order) and in its sub-folders that are not
-    runs themselves (a recipe's steps, in the order they started)."""
-    runs: list[Path] = []
-    for child in sorted(p for p in folder.iterdir() if p.is_dir()):
-        if (child / RESULTS_FILE).is_file():
-            runs.append(child)
-        else:
-            steps = [p.parent for p in child.glob(f"*/{RESULTS_FILE}")]
-            runs.extend(sorted(steps, key=lambda d: (str(_started(d)), d.name)))
+    """The run folders in ``folder`` and in its sub-folders that are not runs themselves
+    (a recipe folder's steps), each group in the order the runs started."""
+
+    def in_order(dirs: list[Path]) -> list[Path]:
+        return sorted(dirs, key=lambda d: (_started(d), d.name))
+
+    runs = in_order([p.parent for p in folder.glob(f"*/{RESULTS_FILE}")])
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and p not in runs):
+        runs.extend(in_order([p.parent for p in child.glob(f"*/{RESULTS_FILE}")]))
     return runs
 
 
