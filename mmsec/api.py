@@ -371,8 +371,11 @@ def defend(plugin: str, settings: Settings | None = None, *,
 # --------------------------------------------------------------------------- recipes
 
 
-def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False) -> dict:
-    """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...]}``."""
+def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False,
+               loggers: Sequence[str] | None = None) -> dict:
+    """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...],
+    "summary", "html"}`` (``html``: the recipe folder's report.html). ``loggers``: the
+    steps' scalar back-ends (see :class:`Settings`)."""
     from .htmlreport import write_html_report
     from .options import validate_options
     from .recipes import load_recipe
@@ -403,7 +406,8 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
             model, pretrained = None, ckpt
         s = Settings(model=model, pretrained=pretrained, data=st.data, split=st.split,
                      device=st.device, precision=st.precision, seed=st.seed, limit=st.limit,
-                     out=root / st.id, quiet=quiet, image_size=st.image_size)
+                     out=root / st.id, quiet=quiet, image_size=st.image_size,
+                     loggers=None if loggers is None else tuple(loggers))
         art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
         trig = produced[st.trigger_from].get("attack_artifact") if st.trigger_from else None
         try:

@@ -239,13 +239,14 @@ def defend_cmd(plugin, options, clean_items, trigger, attack_artifact, as_json, 
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="folder for all steps")
 @click.option("--json", "as_json", is_flag=True, help="print every step's results")
 @click.option("-q", "--quiet", is_flag=True)
+@log_option
 @handle_errors
-def run_cmd(recipe, out, as_json, quiet):
+def run_cmd(recipe, out, as_json, quiet, loggers):
     """Run a YAML recipe: a chain of attack / defend / eval steps (format: docs/recipes.md)."""
     from . import api
 
     _settings_quiet(quiet)
-    res = api.run_recipe(recipe, out=out, quiet=quiet)
+    res = api.run_recipe(recipe, out=out, quiet=quiet, loggers=_loggers(loggers))
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
