@@ -196,8 +196,11 @@ def _run_section(index: int, run: RunRecord, base: Path | None) -> str:
     options = [[f"<th>{_e(k)}</th>", f"<td>{_e(format_option(k, v).split('=', 1)[1])}</td>"]
                for k, v in run.options.items()]
     parts.append('<div class="settings">' + _table(["setting", "value"], settings))
-    if options:
+    if 0 < len(options) <= 12:
         parts.append(_table(["option", "value"], options))
+    elif options:  # a long list (InverTune has 40) stays folded
+        parts.append(f"<details><summary>{len(options)} options</summary>"
+                     + _table(["option", "value"], options) + "</details>")
     parts.append("</div>")
     images = _run_images(run.dir)
     if images:
