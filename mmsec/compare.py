@@ -125,7 +125,14 @@ def _labeler(settings: Sequence[tuple[str, dict[str, Any]]], skip: Sequence[str]
         keys = list(dict.fromkeys(k for o in opts for k in o))
         diff = [k for k in keys if len({repr(o.get(k)) for o in opts}) > 1 and k not in skip]
         diff.sort(key=lambda k: (_KEY_OPTIONS.index(k) if k in _KEY_OPTIONS else 99))
-        differing[name] = diff[:2]
+        # the fewest options (at most two) that tell the settings apart
+        distinct = len({repr(sorted((k, repr(o.get(k))) for k in diff)) for o in opts})
+        chosen: list[str] = []
+        for key in diff[:2]:
+            chosen.append(key)
+            if len({tuple(repr(o.get(k)) for k in chosen) for o in opts}) == distinct:
+                break
+        differing[name] = chosen
 
     def label(name: str, options: Mapping[str, Any]) -> str:
         shown = [format_option(k, options.get(k)) for k in differing.get(name, [])

@@ -118,10 +118,11 @@ def asr_before_after(bars: Sequence[tuple[str, float, float]]) -> bytes:
            color="tab:red")
     ax.bar([x + 0.2 for x in xs], [100 * a for _, _, a in bars], 0.4, label="after",
            color="tab:green")
-    ax.set_xticks(list(xs), [label for label, _, _ in bars], fontsize=8, rotation=15)
+    ax.set_xticks(list(xs), [_wrap(label) for label, _, _ in bars], fontsize=8)
     ax.set_ylabel("ASR (%)")
-    ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 118)  # room for the legend above the bars
+    ax.set_yticks(range(0, 101, 20))
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
     ax.grid(axis="y", alpha=0.3)
     ax.set_title("ASR before / after defense, per trigger")
     return _png(fig)
@@ -132,9 +133,12 @@ def robust_vs_clean(points: Sequence[tuple[str, float, float]]) -> bytes:
     fig = _figure(5.5, 4.5)
     ax = fig.subplots()
     markers = "osD^v<>Pp*"
-    for i, (label, clean, robust) in enumerate(points):
-        ax.scatter([100 * clean], [100 * robust], marker=markers[i % len(markers)], s=50,
-                   label=label)
+    grouped: dict[str, list[tuple[float, float]]] = {}
+    for label, clean, robust in points:  # one legend entry per label
+        grouped.setdefault(label, []).append((100 * clean, 100 * robust))
+    for i, (label, xy) in enumerate(grouped.items()):
+        xs, ys = zip(*xy, strict=True)
+        ax.scatter(xs, ys, marker=markers[i % len(markers)], s=50, label=label)
     ax.plot([0, 100], [0, 100], ls=":", color="grey", lw=0.8)
     ax.set_xlabel("clean top-1 (%)")
     ax.set_ylabel("robust top-1 (%)")
@@ -165,12 +169,18 @@ def matrix(attacks: Sequence[str], defenses: Sequence[str],
         ax.text(defenses.index(d), attacks.index(a), f"{_metric_label(metric)}\n{shown}",
                 ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(defenses)), defenses, fontsize=8)
-    ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+    ax.set_yticks(range(len(attacks)), [_wrap(a, 28) for a in attacks], fontsize=8)
     ax.set_xlabel("defense")
     ax.set_ylabel("attack")
     fig.colorbar(image, ax=ax, label="attack success")  # ASR, or 1 - top-1 under attack
     ax.set_title("attack x defense")
     return _png(fig)
+
+
+def _wrap(label: str, width: int = 22) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(label, width)) or label
 
 
 def _metric_label(metric: str) -> str:
