@@ -23,6 +23,7 @@ from .context import RunContext, RunInputs
 from .data import ImageDataset, parse_spec, subset
 from .errors import MmsecError, PluginError, UsageError
 from .evaluation import Evaluation, Metric, Row, rows_to_metrics
+from .headline import HEADLINE_METRICS  # the columns `mmsec run` prints per step
 from .model import ClipModel
 from .registry import Registry, get_registry
 from .runs import Run
@@ -49,6 +50,8 @@ class Settings:
     limit: int | None = None
     quiet: bool = False
     image_size: int | None = None  # file-backed (and procedural) data: square side in pixels
+    #: scalar back-ends besides scalars.jsonl (``tensorboard``, ``wandb``); None: default
+    loggers: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -84,7 +87,7 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
         # Image files load at the model's input size (one antialiased resize, as `zoo train`
         # trains), not at whatever size the first file happens to have.
         s.image_size = int(model.image_size)
-    run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet)
+    run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet, loggers=s.loggers)
     run.durations["load_model"] = round(time.perf_counter() - started, 3)
     ctx = RunContext(run, device=model.device, precision=s.precision, seed=s.seed,
                      cache=EmbeddingCache(), registry=reg, strict=s.strict, inputs=inputs)
@@ -412,14 +415,14 @@ def defend(plugin: str, settings: Settings | None = None, *,
 
 
 # --------------------------------------------------------------------------- recipes
-#: metrics ``mmsec run`` prints per step (the rest is in the recipe folder's summary.md)
-HEADLINE_METRICS = ("clean_top1", "adv_top1", "fooling_rate", "control_fooling_rate", "asr",
-                    "control_asr", "before_clean_top1", "after_clean_top1", "before_asr",
-                    "after_asr", "target_identified")
 
 
-def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False) -> dict:
-    """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...]}``."""
+def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False,
+               loggers: Sequence[str] | None = None) -> dict:
+    """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...],
+    "summary", "html"}`` (``html``: the recipe folder's report.html). ``loggers``: the
+    steps' scalar back-ends (see :class:`Settings`)."""
+    from .htmlreport import write_html_report
     from .options import validate_options
     from .recipes import load_recipe
     from .report import merge_runs, write_report_table
@@ -449,7 +452,8 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
             model, pretrained = None, ckpt
         s = Settings(model=model, pretrained=pretrained, data=st.data, split=st.split,
                      device=st.device, precision=st.precision, seed=st.seed, limit=st.limit,
-                     out=root / st.id, quiet=quiet, image_size=st.image_size)
+                     out=root / st.id, quiet=quiet, image_size=st.image_size,
+                     loggers=None if loggers is None else tuple(loggers))
         art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
         trig = produced[st.trigger_from].get("attack_artifact") if st.trigger_from else None
         try:
@@ -473,7 +477,16 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     table = write_report_table(rows, root / "summary.csv", md=True, columns=columns)
     from .io import write_atomic
 
-    write_atomic(root / "summary.md", f"# Recipe {recipe.name or Path(path).name}\n\n{table}\n")
+    title = f"Recipe {recipe.name or Path(path).name}"
+    html = None
+    links = ""
+    if done:  # the HTML comparison of the steps; summary.md links the same plots
+        written = write_html_report(done, root / "report.html", title=title,
+                                    figures_dir=root / "figures")
+        html = str(written["html"])
+        links = "".join(f"\n![{stem}](figures/{stem}.png)\n" for stem in written["figures"])
+        links += "\nThe same with every run's images and curves: [report.html](report.html)\n"
+    write_atomic(root / "summary.md", f"# {title}\n\n{table}\n{links}")
     # the console gets the headline columns only; summary.md/.csv keep every metric
     present = {k for row in rows for k, v in row.items() if v not in (None, "")}
     short = [c for c in ("run", "kind", "plugin", "status") if c in columns]
@@ -486,4 +499,5 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
         raise (type(exc) if isinstance(exc, MmsecError) else MmsecError)(
             f"{st.label} failed ({len(results)} of {len(steps)} steps done; summary in "
             f"{root / 'summary.md'}): {exc}") from exc
-    return {"dir": str(root), "steps": results, "summary": headline, "summary_full": table}
+    return {"dir": str(root), "steps": results, "summary": headline, "summary_full": table,
+            "html": html}

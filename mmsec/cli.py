@@ -55,6 +55,19 @@ def handle_errors(fn):
     return wrapper
 
 
+log_option = click.option(
+    "--log", "loggers", type=click.Choice(["tensorboard", "wandb", "none"]), multiple=True,
+    help="training scalars also to TensorBoard or W&B (repeatable; scalars.jsonl is always "
+         "written; default: tensorboard when installed, none: JSONL only)")
+
+
+def _loggers(values) -> tuple[str, ...] | None:
+    """``--log`` values: None (the default back-ends) when not given; ``none`` alone: none."""
+    if not values:
+        return None
+    return tuple(v for v in values if v != "none")
+
+
 def common_options(fn):
     """Options shared by eval, attack and defend."""
     opts = [
@@ -79,6 +92,7 @@ def common_options(fn):
         click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it"),
         click.option("--json", "as_json", is_flag=True, help="print the run's results.json"),
         click.option("-q", "--quiet", is_flag=True, help="only warnings on stderr"),
+        log_option,
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -97,18 +111,21 @@ def _settings(kw: dict):
     return Settings(model=kw["model"], pretrained=kw["pretrained"], data=kw["data"],
                     split=kw["split"], device=kw["device"], precision=kw["precision"],
                     seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
-                    limit=kw["limit"], quiet=kw["quiet"], image_size=kw.get("image_size"))
+                    limit=kw["limit"], quiet=kw["quiet"], image_size=kw.get("image_size"),
+                    loggers=_loggers(kw.get("loggers")))
 
 
 def _print_results(res: dict, as_json: bool) -> None:
+    """The run's headline and where its report is (``--json``: the whole results.json)."""
+    from .headline import headline
+
     if as_json:
         click.echo(json.dumps(res, indent=2))
         return
-    metrics = res.get("metrics", {})
-    width = max((len(k) for k in metrics), default=0)
-    for k, v in metrics.items():
-        click.echo(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
-    click.echo(f"run folder: {res.get('run_dir') or res.get('dir', '')}")
+    click.echo(headline(res).text())
+    folder = Path(res.get("run_dir") or res.get("dir", ""))
+    n = len(res.get("metrics") or {})
+    click.echo(f"report: {folder / 'report.md'}  ({n} metrics in {folder / 'results.json'})")
 
 
 def _setup_logging(quiet: bool = False) -> None:
@@ -225,18 +242,21 @@ def defend_cmd(plugin, options, clean_items, trigger, attack_artifact, as_json, 
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="folder for all steps")
 @click.option("--json", "as_json", is_flag=True, help="print every step's results")
 @click.option("-q", "--quiet", is_flag=True)
+@log_option
 @handle_errors
-def run_cmd(recipe, out, as_json, quiet):
+def run_cmd(recipe, out, as_json, quiet, loggers):
     """Run a YAML recipe: a chain of attack / defend / eval steps (format: docs/recipes.md)."""
     from . import api
 
     _settings_quiet(quiet)
-    res = api.run_recipe(recipe, out=out, quiet=quiet)
+    res = api.run_recipe(recipe, out=out, quiet=quiet, loggers=_loggers(loggers))
     if as_json:
         click.echo(json.dumps(res, indent=2))
     else:
         click.echo(res["summary"])
         click.echo(f"recipe folder: {res['dir']}")
+        if res.get("html"):
+            click.echo(f"report: {res['html']}")
 
 
 @main.command("plugins")
@@ -441,10 +461,11 @@ def _zoo_name_from(data: str | None) -> str:
 @click.option("--resume", is_flag=True)
 @click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it")
 @click.option("--json", "as_json", is_flag=True)
+@log_option
 @handle_errors
 def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_size, lr, augment,
               early_stop, seed, train_items, test_items, device, out_dir, out, resume, strict,
-              as_json):
+              as_json, loggers):
     """Train a small CLIP from scratch on any dataset (the shipped zoo models come from
     this command); the result loads with -m zoo:NAME or --pretrained FILE."""
     import re
@@ -457,7 +478,7 @@ def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_siz
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
         raise UsageError(f"zoo model name {name!r}: use lower-case letters, digits, - and _")
     zoo_out_dir(name, Path(out_dir) if out_dir else None)  # a shipped name needs --out-dir
-    run = Run.create(out, "zoo-train", name, resume=resume)
+    run = Run.create(out, "zoo-train", name, resume=resume, loggers=_loggers(loggers))
     with run:
         spec = train_zoo(name, data=data, epochs=epochs, steps=steps, min_steps=min_steps,
                          batch_size=batch_size, lr=lr, image_size=image_size, vocab=vocab,
@@ -484,14 +505,23 @@ def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_siz
 @click.argument("runs", nargs=-1, required=True, type=click.Path())
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None,
               help="also write the table as CSV")
+@click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+              help="also write one self-contained HTML page: per run settings, headline, "
+                   "metrics, images and curves; across runs a sortable table and plots")
+@click.option("--title", default=None, help="the HTML page's title")
 @handle_errors
-def report_cmd(runs, csv_path):
-    """Merge run folders (or folders of runs) into one table."""
+def report_cmd(runs, csv_path, html_path, title):
+    """Merge run folders (or folders of runs) into one table (and an HTML report)."""
     from .report import merge_runs, write_report_table
 
     rows, columns = merge_runs([Path(r) for r in runs])
     click.echo(write_report_table(rows, Path(csv_path) if csv_path else None, md=True,
                                   columns=columns))
+    if html_path:
+        from .htmlreport import write_html_report
+
+        written = write_html_report([Path(r) for r in runs], html_path, title=title)
+        click.echo(f"html report: {written['html']} ({written['runs']} runs)")
 
 
 def _load_plugin_commands(group: click.Group) -> None:

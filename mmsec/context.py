@@ -128,6 +128,16 @@ class RunContext:
     def add_section(self, title: str, markdown: str) -> None:
         self.run.add_section(f"{self.path}: {title}" if self.path else title, markdown)
 
+    def note(self, text: str) -> None:
+        """A one-line remark under the run's headline (a child's starts with its name)."""
+        self.run.note(f"{self.path}: {text}" if self.path else text)
+
+    def log_scalars(self, tag: str, step: int, values: Mapping[str, float], *,
+                    epoch: int | None = None, scope: str = "step") -> None:
+        """Training scalars of loop ``tag`` (a child's tag starts with its name); the
+        training loop logs through this (:mod:`mmsec.scalars`)."""
+        self.run.log_scalars(self._name(tag), step, values, epoch=epoch, scope=scope)
+
     def set(self, key: str, value: Any) -> None:
         """A results.json field (a child's are ``<child>.<key>``)."""
         self.run.set(self._name(key).replace("/", "."), value)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MmsecError, UsageError
+from .headline import headline
 from .io import write_atomic
 
 __all__ = ["merge_runs", "md_table", "read_results", "render_report", "write_report_table"]
@@ -58,6 +59,13 @@ def render_report(results: Mapping[str, Any], images: Sequence[str] = (),
     lines += [status + ".", ""]
     if results.get("error"):
         lines += [f"Error: `{results['error']}`", ""]
+    head = headline(results)
+    if head.rows or head.notes:
+        lines += ["## Headline", ""]
+        if head.rows:
+            table = head.table()
+            lines += [md_table(table[0], table[1:]), ""]
+        lines += [f"- {note}" for note in head.notes] + ([""] if head.notes else [])
     settings = [
         "model", "pretrained", "dataset", "split", "seed", "device", "precision",
         "plugin_version", "mmsec_version",
@@ -112,7 +120,8 @@ def read_results(path: Path) -> dict[str, Any]:
 
 
 def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
-    """Run folders from the arguments: a run folder, its results.json, or a folder of runs."""
+    """Run folders from the arguments: a run folder, its results.json, or a folder of runs
+    (such as ``mmsec-runs/``, whose recipe folders hold runs one level further down)."""
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
@@ -120,15 +129,33 @@ def _expand_runs(paths: Sequence[str | os.PathLike[str]]) -> list[Path]:
             found.append(path.parent)
         elif (path / RESULTS_FILE).is_file():
             found.append(path)
-        elif path.is_dir() and (
-            children := sorted(p.parent for p in path.glob(f"*/{RESULTS_FILE}"))
-        ):
+        elif path.is_dir() and (children := _runs_below(path)):
             found.extend(children)
         elif not path.exists():
             raise UsageError(f"{path}: no such run folder")
         else:
             raise UsageError(f"{path}: not a run folder (no {RESULTS_FILE})")
     return found
+
+
+def _runs_below(folder: Path) -> list[Path]:
+    """The run folders in ``folder`` and in its sub-folders that are not runs themselves
+    (a recipe folder's steps), each group in the order the runs started."""
+
+    def in_order(dirs: list[Path]) -> list[Path]:
+        return sorted(dirs, key=lambda d: (_started(d), d.name))
+
+    runs = in_order([p.parent for p in folder.glob(f"*/{RESULTS_FILE}")])
+    for child in sorted(p for p in folder.iterdir() if p.is_dir() and p not in runs):
+        runs.extend(in_order([p.parent for p in child.glob(f"*/{RESULTS_FILE}")]))
+    return runs
+
+
+def _started(run_dir: Path) -> str:
+    try:
+        return str(json.loads((run_dir / RESULTS_FILE).read_text("utf-8")).get("started"))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def _format_option(value: Any) -> str:

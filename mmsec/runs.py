@@ -6,6 +6,8 @@ A run folder holds::
     report.md                 the human report (settings, metrics, images, extra sections)
     config.yaml               the resolved configuration
     run.log                   everything logged through ``run.log``
+    scalars.jsonl             training scalars (``mmsec.scalars``; TensorBoard/W&B besides)
+    figures/curves.png        the training curves drawn from them (report.md shows it)
     checkpoints/<slot>.safetensors   the latest checkpoint of each stage (for ``--resume``)
     artifacts/                patches, UAPs, models, images
 
@@ -29,7 +31,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -39,8 +41,10 @@ from mmsec import __version__
 from mmsec.errors import MmsecError, UsageError
 
 from .io import jsonable, load_tensors, safetensors_bytes, write_atomic, write_json_atomic
+from .plots import write_curves
 from .progress import progress
 from .report import read_results, render_report
+from .scalars import ScalarLogger, check_backends, default_backends
 
 if TYPE_CHECKING:
     import torch
@@ -251,6 +255,7 @@ class Run:
         resume: bool = False,
         resumed: bool = False,
         quiet: bool = False,
+        loggers: Sequence[str] | None = None,
     ) -> None:
         self.dir = Path(directory)
         self.kind = kind
@@ -270,6 +275,11 @@ class Run:
         self.rows: list[dict[str, Any]] = []
         self.report_images: list[str] = []
         self.sections: list[tuple[str, str]] = []
+        #: one-line remarks for the headline (a training metric that stopped moving, ...)
+        self.notes: list[str] = []
+        #: training scalars: scalars.jsonl always, TensorBoard / W&B as asked (``--log``)
+        self.scalars = ScalarLogger(self.dir, default_backends() if loggers is None
+                                    else check_backends(loggers), config=self._config)
         self.status = "running"
         self.started = _utc_now()
         self.finished: datetime | None = None
@@ -291,6 +301,7 @@ class Run:
         resume: bool = False,
         quiet: bool = False,
         root: str | os.PathLike[str] | None = None,
+        loggers: Sequence[str] | None = None,
     ) -> Run:
         """Make (or, with ``resume``, reopen) a run folder.
 
@@ -298,7 +309,11 @@ class Run:
         An existing ``out`` that already holds a run is reused only with ``resume=True``;
         ``resume=True`` on a folder that does not exist yet simply starts a fresh run there.
         ``quiet`` shows only warnings on stderr (the log file gets everything).
+        ``loggers`` are the scalar back-ends besides ``scalars.jsonl`` (``tensorboard``,
+        ``wandb``; default: TensorBoard when installed); a missing package is a one-line
+        error before anything is written.
         """
+        loggers = None if loggers is None else check_backends(loggers)
         if out is None:
             if resume:
                 raise UsageError("--resume needs --out pointing to the run folder to continue")
@@ -307,6 +322,7 @@ class Run:
                 kind,
                 plugin,
                 quiet=quiet,
+                loggers=loggers,
             )
         directory = Path(out)
         if directory.exists() and not directory.is_dir():
@@ -320,7 +336,8 @@ class Run:
         if holds_run:
             _check_same_run(directory, kind, plugin)
         directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet)
+        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet,
+                   loggers=loggers)
 
     # -- context manager --------------------------------------------------------------------
 
@@ -342,6 +359,7 @@ class Run:
         if self._closed:
             return
         self._closed = True
+        self.scalars.close()
         for handler in list(self.log.handlers):
             self.log.removeHandler(handler)
             handler.close()
@@ -390,6 +408,17 @@ class Run:
     def add_section(self, title: str, markdown: str) -> None:
         """Append a ``## title`` section with free markdown to ``report.md``."""
         self.sections.append((title, markdown))
+
+    def note(self, text: str) -> None:
+        """A one-line remark shown under the headline (console, reports) and logged."""
+        if text not in self.notes:
+            self.notes.append(text)
+            self.log.info("note: %s", text, extra={"file_only": True})  # the headline shows it
+
+    def log_scalars(self, tag: str, step: int, values: Mapping[str, float], *,
+                    epoch: int | None = None, scope: str = "step") -> None:
+        """Log training scalars of loop ``tag`` (see :mod:`mmsec.scalars`)."""
+        self.scalars.log(tag, step, values, epoch=epoch, scope=scope)
 
     # -- artifacts ---------------------------------------------------------------------------
 
@@ -540,6 +569,7 @@ class Run:
             "skipped_count": int(fields.pop("skipped_count", 0)) + len(self.skipped_items),
             "run_dir": str(self.dir),
             "artifacts": self._artifact_list(),
+            "notes": list(self.notes),
             "status": self.status,
             "started": _iso(self.started),
             "finished": _iso(self.finished) if self.finished else None,
@@ -568,9 +598,13 @@ class Run:
 
         self.finished = _utc_now()
         self.durations.setdefault("total", time.perf_counter() - self._clock)
+        self.scalars.flush()
+        images = list(self.report_images)
+        curves = write_curves(self.dir)
+        if curves is not None:
+            images.insert(0, curves.relative_to(self.dir).as_posix())
         results = self._write_results()
-        write_atomic(self.dir / REPORT_FILE,
-                     render_report(results, self.report_images, self.sections))
+        write_atomic(self.dir / REPORT_FILE, render_report(results, images, self.sections))
         write_atomic(
             self.dir / CONFIG_FILE,
             yaml.safe_dump(self._config(), sort_keys=False, allow_unicode=True),

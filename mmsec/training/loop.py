@@ -35,7 +35,7 @@ from ..errors import MmsecError
 from ..runs import capture_rng_state, restore_rng_state
 from .batches import Batches, BatchSource
 from .optim import Optim, build_optimizer, lr_factor
-from .stopping import Plateau
+from .stopping import Plateau, flat_since
 
 __all__ = ["StepContext", "TrainResult", "train"]
 
@@ -105,6 +105,12 @@ class _Loop:
             factor = lr_factor(step, self.total, spec.warmup_steps, spec.schedule)
             for group, base in zip(self.opts[name].param_groups, self.base_lr[name], strict=True):
                 group["lr"] = base * factor
+
+    def lrs(self) -> dict[str, float]:
+        """The learning rate of each optimiser's first group: ``lr`` (one) or ``lr_<name>``."""
+        if len(self.opts) == 1:
+            return {"lr": float(next(iter(self.opts.values())).param_groups[0]["lr"])}
+        return {f"lr_{n}": float(o.param_groups[0]["lr"]) for n, o in self.opts.items()}
 
     def update(self, name: str, loss: torch.Tensor) -> None:
         if name not in self.opts:
@@ -210,6 +216,30 @@ def _number(v: Any) -> float | None:
     return None
 
 
+def _plateau_notes(result: TrainResult, desc: str, monitor: Sequence[str] | None,
+                   stop: Plateau | None, epochs: int, rel_tol: float = 0.01) -> list[str]:
+    """Notes on monitored numbers whose last ``epochs`` or more epochs stayed within
+    ``rel_tol`` (say, a GAN loss flat after the first epoch: more epochs do nothing)."""
+    history = result.history
+    if monitor is None:
+        seen = dict.fromkeys(k for h in history for k in h)
+        # the losses (and what early stopping watches); held-out numbers such as a clean
+        # accuracy that must stay put are watched only when a plugin names them
+        monitor = [k for k in seen if k == "loss" or k.startswith("loss_")]
+        if stop is not None and stop.metric not in monitor:
+            monitor.append(stop.metric)
+    notes = []
+    for key in monitor:
+        values = [h.get(key) for h in history]
+        since = flat_since(values, rel_tol)
+        if since is None or len(values) - since < epochs + 1:
+            continue
+        notes.append(f"{desc}: {key} stayed within {rel_tol:.0%} from epoch {since + 1} to "
+                     f"{len(values)} (at {values[-1]:.4g}); the epochs after {since + 1} "
+                     "changed little")
+    return notes
+
+
 def train(
     step: Callable[[Any, StepContext], Mapping[str, Any] | torch.Tensor],
     batches: BatchSource | Callable[[int], Any],
@@ -229,6 +259,8 @@ def train(
     on_epoch_end: Callable[[int, dict], dict | None] | None = None,
     checkpoint_every: str | int = "epoch",
     desc: str | None = None,
+    monitor: Sequence[str] | None = None,
+    plateau_epochs: int = 3,
 ) -> TrainResult:
     """Train: ``epochs`` passes over ``batches`` (or exactly ``steps`` optimiser steps).
 
@@ -255,7 +287,15 @@ def train(
             ``MMSEC_CPU_AUTOCAST=1``); parameters stay fp32.
         on_epoch_end: ``fn(epoch, means) -> extra numbers`` after each epoch (eval mode).
         checkpoint_every: ``"epoch"``, a number of steps, or ``"never"``.
-        desc: label of the progress bar and log lines (default: the slot).
+        desc: label of the progress bar, log lines and logged scalars (default: the slot).
+        monitor: per-epoch numbers watched for a plateau (default: the losses and
+            ``stop``'s metric). One that stayed within 1% for the last
+            ``plateau_epochs`` epochs or more gets a note under the run's headline.
+        plateau_epochs: epochs a monitored number must stay flat to be noted.
+
+    Every optimiser step's numbers (and each optimiser's learning rate) and every epoch's
+    means go to ``run.log_scalars`` (the run folder's ``scalars.jsonl``, TensorBoard or
+    W&B: :mod:`mmsec.scalars`).
     """
     specs = {"loss": optimizers} if isinstance(optimizers, Optim) else dict(optimizers)
     if not specs:
@@ -284,6 +324,7 @@ def train(
     count = 0
     save = run is not None and checkpoint_every != "never"
     epoch_rng: dict[str, torch.Tensor] = {}
+    log_scalars = getattr(run, "log_scalars", None)
 
     if run is not None and getattr(run, "resume", False):
         ck = run.load_checkpoint(slot)
@@ -380,6 +421,8 @@ def train(
                 count += 1
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
+                if log_scalars is not None:
+                    log_scalars(desc, gstep, {**logs, **loop.lrs()}, epoch=epoch)
                 if hasattr(it, "set_postfix") and count % 10 == 0 and "loss" in sums:
                     it.set_postfix(loss=f"{sums['loss'] / count:.4f}")
                 if save and isinstance(checkpoint_every, int) and gstep % checkpoint_every == 0:
@@ -398,6 +441,9 @@ def train(
                     m.train()
             result.history.append(means)
             sums, count = {}, 0
+            if log_scalars is not None:
+                log_scalars(desc, gstep, {k: v for k, v in means.items() if k != "epoch"},
+                            epoch=epoch, scope="epoch")
             if run is not None:
                 run.log.info("%s epoch %d: %s", desc, epoch + 1,
                              ", ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "epoch"))
@@ -419,6 +465,10 @@ def train(
         for m, mode in zip(train_modules, modes, strict=True):
             m.train(mode)
     result.steps = gstep
+    note = getattr(run, "note", None)
+    if note is not None:
+        for text in _plateau_notes(result, desc, monitor, stop, plateau_epochs):
+            note(text)
     if save:
         checkpoint(n_epochs, 0, done=True)
     if run is not None:

@@ -5,6 +5,9 @@ after an epoch in which the metric (a per-epoch mean of a logged number, or a nu
 ``on_epoch_end`` returned) has not beaten its best by more than ``min_delta`` for
 ``patience`` epochs in a row. The decision is a function of the loop's history, so a
 resumed run decides exactly as an uninterrupted one.
+
+Without early stopping, :func:`flat_since` tells the loop where a number stopped moving,
+so the run can say so (a note under the headline) instead of leaving it to the log.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Plateau"]
+__all__ = ["Plateau", "flat_since"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,23 @@ class Plateau:
                     f"{len(values) - 1 - best_at} epochs (best {sign * best:.4g} at epoch "
                     f"{best_at + 1})")
         return None
+
+
+def flat_since(values: Sequence[float | None], rel_tol: float = 0.01) -> int | None:
+    """Where the flat tail of ``values`` (per-epoch numbers) begins: the first index from
+    which every value to the end lies within ``rel_tol`` of the tail's largest magnitude
+    (max - min <= rel_tol * max |v|). None when the last value is missing or not finite,
+    or when the tail is a single value."""
+    if not values or values[-1] is None or not math.isfinite(values[-1]):
+        return None
+    lo = hi = float(values[-1])
+    start = len(values) - 1
+    for i in range(len(values) - 2, -1, -1):
+        v = values[i]
+        if v is None or not math.isfinite(v):
+            break
+        nlo, nhi = min(lo, v), max(hi, v)
+        if nhi - nlo > rel_tol * max(abs(nlo), abs(nhi)) + 1e-12:
+            break
+        lo, hi, start = nlo, nhi, i
+    return start if start < len(values) - 1 else None
