@@ -372,12 +372,46 @@ HEADLINE_METRICS = ("clean_top1", "adv_top1", "fooling_rate", "control_fooling_r
                     "after_asr", "target_identified")
 
 
+def _recipe_root(out: str | Path | None, name: str) -> Path:
+    """The recipe folder: ``--out`` (new or empty), else a fresh folder inside ./mmsec-runs.
+
+    A folder that already holds files is refused: the steps' run folders and summary.md
+    would overwrite what is there.
+    """
+    import re
+
+    from .runs import DEFAULT_ROOT
+
+    if out is not None:
+        root = Path(out)
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"{root}: exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()):
+            what = "a recipe run" if (root / "summary.md").exists() else "files"
+            raise UsageError(f"{root}: already holds {what}; choose a new or empty --out")
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    # the name comes from the file: keep only safe characters, so it stays one folder name
+    # inside the runs root whatever the recipe says (no "..", no "/")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")[:64] or "recipe"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        suffix = "" if attempt == 1 else f"-{attempt}"
+        root = DEFAULT_ROOT / f"{stamp}-recipe-{slug}{suffix}"
+        try:
+            root.mkdir()
+        except FileExistsError:
+            continue
+        return root
+    raise MmsecError(f"{DEFAULT_ROOT}: cannot make a fresh recipe folder")
+
+
 def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False) -> dict:
     """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...]}``."""
     from .options import validate_options
     from .recipes import load_recipe
     from .report import merge_runs, write_report_table
-    from .runs import DEFAULT_ROOT
 
     recipe = load_recipe(path)
     reg = get_registry()
@@ -387,9 +421,7 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
             name = st.robust or st.plugin
             cls = reg.defense(name) if st.kind == "defend" else reg.attack(name)
             validate_options(cls.Options, st.options, owner=f'{st.label}: plugin "{name}"')
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    root = Path(out) if out else DEFAULT_ROOT / f"{stamp}-recipe-{recipe.name or Path(path).stem}"
-    root.mkdir(parents=True, exist_ok=True)
+    root = _recipe_root(out, recipe.name or Path(path).stem)
     produced: dict[str, dict] = {}
     results = []
     done: list[Path] = []
