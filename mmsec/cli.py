@@ -456,6 +456,13 @@ def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_siz
     zoo_out_dir(name, Path(out_dir) if out_dir else None)  # a shipped name needs --out-dir
     run = Run.create(out, "zoo-train", name, resume=resume)
     with run:
+        # what --resume must match (checkpoints record it; see RESUME_SAFE_KEYS)
+        run.set("config", {"kind": "zoo-train", "plugin": name, "data": data,
+                           "image_size": image_size, "vocab": vocab, "epochs": epochs,
+                           "steps": steps, "min_steps": min_steps, "batch_size": batch_size,
+                           "lr": lr, "augment": augment, "early_stop": early_stop, "seed": seed,
+                           "train_items": train_items, "test_items": test_items,
+                           "device": device, "strict": strict, "out_dir": out_dir})
         spec = train_zoo(name, data=data, epochs=epochs, steps=steps, min_steps=min_steps,
                          batch_size=batch_size, lr=lr, image_size=image_size, vocab=vocab,
                          augment=augment, early_stop=early_stop, seed=seed,
