@@ -774,7 +774,8 @@ class EmbeddingCache:
         """
         targets: list[Path]
         if fingerprint is None and kind is None:
-            targets = [self.directory]
+            # everything: the embeddings and the procedural data memo
+            targets = [self.directory, self.root / "procedural"]
         else:
             pairs = self._namespaces(fingerprint, kind)
             if kind is None and fingerprint is not None:
