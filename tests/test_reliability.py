@@ -1,0 +1,190 @@
+"""Reliability under faults and hostile input (issue 18): each test pins one defect class.
+
+Fast by design: run folders, recipes and data sources are exercised below the training
+loops (the kill -9/resume runs live in test_advclip.py, test_backdoor.py, test_cpgc.py,
+test_invertune.py and test_train.py).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmsec import io as mio
+from mmsec.errors import MmsecError, UsageError
+from mmsec.runs import Run
+
+
+# ------------------------------------------------------------------ recipes: folder names
+@pytest.mark.parametrize("name", ["../../escape", "/etc/x", "a/b", "..", "x" * 65, ".hidden"])
+def test_recipe_name_that_is_not_a_plain_folder_name_is_refused(name: str) -> None:
+    from mmsec.recipes import parse_recipe
+
+    text = json.dumps({"name": name, "steps": [{"id": "a", "kind": "eval"}]})
+    with pytest.raises(UsageError, match="name"):
+        parse_recipe(text, "r.yaml")
+
+
+def test_recipe_folder_stays_inside_the_runs_root(tmp_path: Path, monkeypatch) -> None:
+    from mmsec.api import _recipe_root
+
+    monkeypatch.chdir(tmp_path)
+    first = _recipe_root(None, "../../../escape")  # a file stem is not validated by the schema
+    second = _recipe_root(None, "../../../escape")
+    for root in (first, second):
+        assert root.resolve().parent == (tmp_path / "mmsec-runs").resolve()
+    assert first != second  # the same second twice: a fresh folder, not a shared one
+
+
+def test_recipe_out_that_holds_files_is_refused_and_left_alone(tmp_path: Path) -> None:
+    from mmsec.api import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - {id: a, kind: eval}\n")
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "summary.md").write_text("mine")
+    with pytest.raises(UsageError, match="already holds"):
+        run_recipe(recipe, out=out)
+    assert (out / "summary.md").read_text() == "mine"
+
+
+# ------------------------------------------------------------------ recipes: hostile YAML
+def test_yaml_alias_bomb_is_refused_before_it_expands() -> None:
+    from mmsec.recipes import parse_recipe
+
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    bomb = "\n".join(lines) + "\nsteps: [{id: a, kind: eval}]\n"
+    assert len(bomb) < 2000
+    with pytest.raises(UsageError, match="expands to more than"):
+        parse_recipe(bomb, "bomb.yaml")
+
+
+@pytest.mark.parametrize("text", ["steps: &s [*s]\n", "steps: " + "[" * 5000 + "]" * 5000])
+def test_recursive_or_deeply_nested_yaml_is_one_usage_error(text: str) -> None:
+    from mmsec.recipes import parse_recipe
+
+    with pytest.raises(UsageError, match="YAML error"):
+        parse_recipe(text, "deep.yaml")
+
+
+def test_yaml_python_tag_is_refused_and_never_run(tmp_path: Path) -> None:
+    from mmsec.recipes import parse_recipe
+
+    marker = tmp_path / "ran"
+    text = f"name: !!python/object/apply:os.system ['touch {marker}']\nsteps: []\n"
+    with pytest.raises(UsageError, match="tag"):
+        parse_recipe(text, "tag.yaml")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------ run folders
+def _enospc(*_a, **_k):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_disk_full_while_finishing_never_leaves_completed(tmp_path: Path, monkeypatch) -> None:
+    from mmsec import runs
+
+    real = runs.write_atomic
+
+    def full_for_config(path, data):
+        if Path(path).name == runs.CONFIG_FILE:
+            _enospc()
+        return real(path, data)
+
+    monkeypatch.setattr(runs, "write_atomic", full_for_config)
+    with pytest.raises(OSError, match="No space"):
+        with Run.create(tmp_path / "r", "eval", None, quiet=True) as run:
+            run.finish({"clean_top1": 0.9})
+    status = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert status["status"] == "failed" and "No space left" in status["error"]
+
+
+def test_disk_full_for_every_write_keeps_the_original_error(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    from mmsec import runs
+
+    run = Run.create(tmp_path / "r", "eval", None, quiet=True)
+    monkeypatch.setattr(runs, "write_atomic", _enospc)
+    monkeypatch.setattr(runs, "write_json_atomic", _enospc)
+    with pytest.raises(RuntimeError, match="the plugin broke"):
+        with run:
+            raise RuntimeError("the plugin broke")
+    # the results.json written at the start still says "running", never "completed"
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "running"
+
+
+def test_out_into_a_folder_of_other_files_is_refused(tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.yaml").write_text("mine: true\n")
+    with pytest.raises(UsageError, match="holds no mmsec run"):
+        Run.create(project, "eval", None, quiet=True)
+    assert (project / "config.yaml").read_text() == "mine: true\n"
+    Run.create(tmp_path / "empty", "eval", None, quiet=True).close()  # new: fine
+
+
+def _run_with(path: Path, config: dict, resume: bool = False) -> Run:
+    run = Run.create(path, "attack", "advclip", resume=resume, quiet=True)
+    run.set("config", config)
+    return run
+
+
+def test_resume_with_changed_settings_is_refused_naming_them(tmp_path: Path) -> None:
+    start = {"seed": 0, "device": "cpu", "options": {"lr": 0.01, "area": 0.03, "epochs": 2}}
+    run = _run_with(tmp_path / "r", start)
+    run.save_checkpoint({"w": torch.zeros(2)}, {"step": 1})
+    run.close()
+    changed = {"seed": 1, "device": "cpu", "options": {"lr": 0.02, "area": 0.03, "epochs": 2}}
+    again = _run_with(tmp_path / "r", changed, resume=True)
+    with pytest.raises(UsageError) as info:
+        with again:
+            again.load_checkpoint()
+    message = str(info.value)
+    assert "options.lr 0.01 -> 0.02" in message and "seed 0 -> 1" in message
+    assert "area" not in message and "\n" not in message and info.value.exit_code == 2
+    # refusing writes nothing over the run it holds
+    assert not (tmp_path / "r" / "config.yaml").exists()
+    # the documented safe keys (device, a longer schedule) resume
+    safe = {"seed": 0, "device": "cuda", "options": {"lr": 0.01, "area": 0.03, "epochs": 5}}
+    with _run_with(tmp_path / "r", safe, resume=True) as ok:
+        state, meta = ok.load_checkpoint()
+        assert meta == {"step": 1} and torch.equal(state["w"], torch.zeros(2))
+
+
+# ------------------------------------------------------------------ procedural memo
+def test_procedural_memo_corruption_is_found_and_rerendered(tmp_path: Path, monkeypatch,
+                                                            caplog) -> None:
+    from mmsec.cache import EmbeddingCache
+    from mmsec.data import procedural
+
+    monkeypatch.setenv("MMSEC_CACHE_DIR", str(tmp_path))
+    fresh = procedural._procedural_array(3, "val", 40, 16)
+    (memo,) = (tmp_path / "procedural").iterdir()
+    blob = bytearray(memo.read_bytes())
+    blob[-500:-400] = bytes(100)  # zero some pixels: still a valid .npy of the right shape
+    memo.write_bytes(bytes(blob))
+    with caplog.at_level(logging.WARNING, logger="mmsec.data"):
+        again = procedural._procedural_array(3, "val", 40, 16)
+    assert "checksum mismatch" in caplog.text
+    assert np.array_equal(again, fresh)
+    assert procedural._read_memo(memo, (40, 16, 16, 3)) is not None  # rewritten whole
+    assert EmbeddingCache(tmp_path).clear() > 0
+    assert not (tmp_path / "procedural").exists()
+
+
+def test_limit_beyond_a_procedural_split_is_capped(caplog) -> None:
+    from mmsec.data import procedural
+
+    with caplog.at_level(logging.WARNING, logger="mmsec.data"):
+        ds = procedural.procedural_shapes(split="val", n=5000, image_size=8)
+    assert len(ds) == procedural.PROCEDURAL_SIZES["val"]
+    assert "using all 2000, not 5000" in caplog.text
