@@ -171,7 +171,8 @@ def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
     logger = logging.getLogger(f"mmsec.run.{next(_run_counter)}")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8",
+                                       errors="backslashreplace")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
