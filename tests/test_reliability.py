@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from mmsec import io as mio
 from mmsec.errors import MmsecError, UsageError
 from mmsec.runs import Run
 
@@ -188,3 +187,132 @@ def test_limit_beyond_a_procedural_split_is_capped(caplog) -> None:
         ds = procedural.procedural_shapes(split="val", n=5000, image_size=8)
     assert len(ds) == procedural.PROCEDURAL_SIZES["val"]
     assert "using all 2000, not 5000" in caplog.text
+
+
+# ------------------------------------------------------------------ caption files
+def _png(path: Path, size=(20, 10), colour=(200, 0, 0)) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+@pytest.mark.parametrize("image", ["/etc/hostname", "../outside.png", "sub/../../x.png",
+                                   "~/x.png", ""])
+def test_caption_image_paths_are_confined_to_the_files_folder(tmp_path: Path, image: str):
+    from mmsec.data.files import captions_file
+
+    _png(tmp_path / "outside.png")
+    folder = tmp_path / "data"
+    folder.mkdir()
+    _png(folder / "ok.png")
+    csv = folder / "caps.csv"
+    csv.write_text(f'image,caption\nok.png,a red box\n"{image}",a thing\n')
+    with pytest.raises(MmsecError, match="must be relative to the file's folder"):
+        captions_file(str(csv))
+
+
+def test_caption_rows_may_leave_the_label_out(tmp_path: Path, zoo_model) -> None:
+    from mmsec.data.files import captions_file
+    from mmsec.evaluation import Evaluation
+    from mmsec.evaluation.probes import BUILTIN_METRICS
+
+    for i in range(4):
+        _png(tmp_path / f"{i}.png", colour=(60 * i, 0, 0))
+    (tmp_path / "c.jsonl").write_text(
+        '{"image": "0.png", "caption": "a red square", "label": "red"}\n'
+        '{"image": "1.png", "caption": "a dark square"}\n'
+        '{"image": "2.png", "caption": "a red circle", "label": "red"}\n'
+        '{"image": "3.png", "caption": "a blue square", "label": "blue"}\n')
+    ds = captions_file(str(tmp_path / "c.jsonl"), image_size=32)
+    assert ds.labels().tolist() == [1, -1, 1, 0]
+    from mmsec.cache import EmbeddingCache
+
+    ev = Evaluation(zoo_model, ds, EmbeddingCache(tmp_path / "cache"),
+                    metrics=list(BUILTIN_METRICS))
+    rows = {(r.metric, r.n_items) for r in ev.measure([ev.clean()])}
+    assert ("top1", 3) in rows  # zero-shot over the 3 labelled rows; retrieval over all 4
+    assert ("i2t_r1", 4) in rows
+
+
+@pytest.mark.parametrize("text,match", [
+    ("image,caption\na.png,a cat, sitting,x\n", "more in this row"),
+    ("image,caption\na.png,\"" + "x" * 200_000 + "\"\n", "bad CSV"),
+    ("image,caption\na.png,\nb.png,\n", "neither captions nor labels"),
+])
+def test_bad_caption_csv_is_one_clean_error(tmp_path: Path, text: str, match: str) -> None:
+    from mmsec.data.files import captions_file
+
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "c.csv").write_text(text)
+    with pytest.raises(MmsecError, match=match) as info:
+        captions_file(str(tmp_path / "c.csv"))
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------ image folders
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory) -> Path:
+    """One class of ordinary 20x10 images, plus a 1x1 image and a 16-bit PNG sorted first,
+    a 9,000 x 9,000 PNG (a few KB), a name that is not UTF-8, a symlink loop."""
+    import os
+
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("odd")
+    cls = root / "red"
+    cls.mkdir()
+    _png(cls / "00-tiny.png", size=(1, 1), colour=(0, 0, 0))
+    Image.fromarray(np.full((10, 20), 30000, dtype=np.uint16)).save(cls / "01-wide.png")
+    for i in range(3):
+        _png(cls / f"im{i}.png")
+    Image.new("RGB", (9000, 9000)).save(cls / "huge.png")
+    _png(Path(os.fsdecode(os.path.join(os.fsencode(cls), b"caf\xe9.png"))))
+    os.symlink("..", cls / "loop")
+    (root / "split-by-hash").mkdir()  # nothing: an empty second class is fine
+    return root
+
+
+def test_odd_image_folder_loads_each_image_right(odd_folder: Path) -> None:
+    from mmsec.data.files import MAX_PIXELS, imagefolder
+
+    files = {}
+    for split in ("train", "test"):
+        ds = imagefolder(str(odd_folder), split=split)
+        assert ds.size == (20, 10)  # the common size, not the first file's 1x1
+        for i in range(len(ds)):
+            files[ds.files[i].name] = (ds.load(i)[0], int(ds.labels()[i]), split)
+        assert all(reason.startswith("image too large") for _, reason in ds.skipped_items)
+    assert 9000 * 9000 > MAX_PIXELS
+    # every file once (the symlink loop is not walked), the huge one left out
+    assert sorted(files) == sorted(["00-tiny.png", "01-wide.png", "im0.png", "im1.png",
+                                    "im2.png", "caf\udce9.png"])
+    wide = files["01-wide.png"][0]
+    assert wide.shape == (3, 10, 20)
+    assert abs(float(wide.mean()) - 30000 / 65535) < 0.01  # scaled, not clipped white
+    assert float(files["im0.png"][0][0].mean()) == pytest.approx(200 / 255, abs=0.01)
+
+
+def test_huge_image_is_refused_under_strict(odd_folder: Path) -> None:
+    from mmsec.data.files import imagefolder
+
+    for split in ("train", "test"):
+        try:
+            imagefolder(str(odd_folder), split=split, strict=True)
+        except MmsecError as exc:
+            assert "huge.png" in str(exc) and "too large" in str(exc)
+            return
+    pytest.fail("huge.png was accepted under --strict")
+
+
+def test_names_that_are_not_utf8_reach_results_and_report(odd_folder: Path,
+                                                          tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "r", "eval", None, quiet=True)
+    with run:
+        run.skipped_items.append({"item": str(odd_folder / "red" / "caf\udce9.png"),
+                                  "reason": "test"})
+        run.log.warning("skipped %s", "caf\udce9.png")
+        run.finish({"clean_top1": 1.0})
+    assert "caf" in (tmp_path / "r" / "report.md").read_text()
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "completed"
