@@ -316,3 +316,60 @@ def test_names_that_are_not_utf8_reach_results_and_report(odd_folder: Path,
         run.finish({"clean_top1": 1.0})
     assert "caf" in (tmp_path / "r" / "report.md").read_text()
     assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "completed"
+
+
+# ------------------------------------------------------------------ checkpoints from strangers
+def _tampered(tmp_path: Path, zoo_model, name: str, edit) -> Path:
+    """The zoo model saved as a checkpoint, with its tensors or metadata changed by ``edit``."""
+    from safetensors.torch import load_file, save_file
+
+    from mmsec.io import load_tensors
+
+    path = zoo_model.save(tmp_path / "orig.safetensors")
+    _, meta = load_tensors(path)
+    tensors = load_file(str(path))
+    edit(tensors, meta)
+    save_file(tensors, str(tmp_path / name), metadata=meta)
+    return tmp_path / name
+
+
+def test_absurd_model_spec_in_metadata_is_refused_before_allocating(tmp_path: Path,
+                                                                    zoo_model) -> None:
+    from mmsec.model import load_model
+
+    def widen(_tensors, meta):
+        spec = json.loads(meta["zoo"])
+        spec["model_cfg"]["text_cfg"]["width"] = 65536
+        meta["zoo"] = json.dumps(spec)
+
+    path = _tampered(tmp_path, zoo_model, "wide.safetensors", widen)
+    with pytest.raises(MmsecError, match="describes a model of ~"):
+        load_model(pretrained=str(path), device="cpu")
+
+    def absurd_ratio(_tensors, meta):
+        spec = json.loads(meta["zoo"])
+        spec["model_cfg"]["text_cfg"]["mlp_ratio"] = 1e6
+        meta["zoo"] = json.dumps(spec)
+
+    path = _tampered(tmp_path, zoo_model, "ratio.safetensors", absurd_ratio)
+    with pytest.raises(MmsecError, match="mlp_ratio"):
+        load_model(pretrained=str(path), device="cpu")
+
+
+@pytest.mark.parametrize("kind", ["int64", "nan"])
+def test_integer_or_nan_weights_are_refused_by_name(tmp_path: Path, zoo_model, kind: str):
+    from mmsec.model import load_model
+
+    def spoil(tensors, _meta):
+        key = "text_projection"
+        if kind == "int64":
+            tensors[key] = tensors[key].to(torch.int64)
+        else:
+            tensors[key] = tensors[key].clone()
+            tensors[key][0, 0] = float("nan")
+
+    path = _tampered(tmp_path, zoo_model, f"{kind}.safetensors", spoil)
+    match = "non-floating weights" if kind == "int64" else "NaN or infinite"
+    with pytest.raises(MmsecError, match=match) as info:
+        load_model(pretrained=str(path), device="cpu")
+    assert "text_projection" in str(info.value)
