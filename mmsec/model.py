@@ -75,6 +75,14 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
         raise UsageError(f"invalid device {device!r}: {exc}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r} requested but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise UsageError(f"device {device!r} requested but MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {device!r}: mmsec runs on cpu, cuda[:N] or mps")
     return dev
 
 
@@ -212,6 +220,15 @@ class ClipModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp().clamp(max=100)
 
+    @property
+    def effective_precision(self) -> str:
+        """The precision the model really runs at (reduced precision on the CPU runs fp32
+        unless ``MMSEC_CPU_AUTOCAST=1``; see :meth:`autocast`)."""
+        if self.precision != "fp32" and self.device.type == "cpu" \
+                and os.environ.get("MMSEC_CPU_AUTOCAST") != "1":
+            return "fp32"
+        return self.precision
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the configured precision (a no-op in fp32).
 
@@ -221,7 +238,7 @@ class ClipModel(nn.Module):
         """
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        if self.device.type == "cpu" and os.environ.get("MMSEC_CPU_AUTOCAST") != "1":
+        if self.effective_precision == "fp32":
             if not getattr(self, "_warned_cpu_precision", False):
                 self._warned_cpu_precision = True
                 log.warning("precision %s requested on the CPU: running fp32 "
@@ -818,7 +835,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors, or refused non-weight objects
         raise MmsecError(f"{path}: cannot load as a torch state dict with weights_only=True "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+                         f"({type(exc).__name__}{': ' if str(exc) else ''}"
+                         f"{(str(exc).splitlines() or [''])[0][:200]})") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -907,7 +925,10 @@ def _load_zoo(name: str | None, pretrained: str | None, state: dict | None,
                              f"run `mmsec zoo train --name {name}`")
         state, _ = read_state_dict(weights)
         source = str(weights)
-    check_zoo_spec(spec, state, source)
+    # a spec that came with the weights must fit them (the shipped zoo's own is trusted; a
+    # stranger's weights for it get load_weights' key/shape report instead)
+    from_file = given and ("zoo" in meta or meta.get("format") == ZOO_FORMAT_V1)
+    check_zoo_spec(spec, state if from_file else None, source)
     cm = build_zoo_model(spec)
     if given:
         cm.pretrained = str(pretrained)
@@ -928,7 +949,7 @@ def _load_open_clip(name: str | None, pretrained: str | None, state: dict | None
         clip = open_clip.create_model(name, pretrained=None if state is not None else pretrained)
     except RuntimeError as exc:
         raise MmsecError(f"open_clip could not create {name} with pretrained={pretrained!r}: "
-                         f"{str(exc).splitlines()[0]}") from exc
+                         f"{(str(exc).splitlines() or [''])[0]}") from exc
     if state is not None:
         load_weights(clip, state, str(pretrained))
     cfg = open_clip.get_model_config(name) or {}
