@@ -73,8 +73,22 @@ def _culprit(reg: Registry, plugin: Any, phase: str) -> Iterator[None]:
 _FILE_SOURCES = ("imagefolder", "captions")
 
 
+#: seeds NumPy accepts (seed_everything seeds torch, NumPy and Python with it)
+MAX_SEED = 2**32 - 1
+
+
+def check_settings(s: Settings) -> None:
+    """Usage errors in the shared settings, as one line (exit 2) before anything loads."""
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
+        raise UsageError(f"--seed {s.seed}: use an integer from 0 to {MAX_SEED}")
+    if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int)
+                                or s.limit < 1):
+        raise UsageError(f"--limit {s.limit}: use a positive number of items")
+
+
 def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None = None
           ) -> tuple[RunContext, ClipModel]:
+    check_settings(s)
     seed_everything(s.seed)
     started = time.perf_counter()
     reg = get_registry()
@@ -84,21 +98,25 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
         # Image files load at the model's input size (one antialiased resize, as `zoo train`
         # trains), not at whatever size the first file happens to have.
         s.image_size = int(model.image_size)
+    cache = EmbeddingCache()  # a cache folder that is a file fails here, before the run
     run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet)
     run.durations["load_model"] = round(time.perf_counter() - started, 3)
     ctx = RunContext(run, device=model.device, precision=s.precision, seed=s.seed,
-                     cache=EmbeddingCache(), registry=reg, strict=s.strict, inputs=inputs)
+                     cache=cache, registry=reg, strict=s.strict, inputs=inputs)
     for key, value in (("model", model.name), ("pretrained", model.pretrained),
                        ("model_fingerprint", model.fingerprint),
                        ("dataset", s.data or "procedural"), ("split", s.split),
                        ("seed", s.seed), ("device", str(ctx.device)),
-                       ("precision", s.precision)):
+                       ("precision", model.effective_precision)):
         run.set(key, value)
+    if model.effective_precision != s.precision:  # bf16 asked on the CPU runs fp32: say so
+        run.set("precision_requested", s.precision)
     # config.yaml: what this run really used (the resolved model, device, data)
     run.set("config", {"kind": kind, "plugin": plugin, "model": model.name,
                        "pretrained": model.pretrained, "data": s.data or "procedural",
                        "split": s.split, "limit": s.limit, "device": str(ctx.device),
-                       "precision": s.precision, "seed": s.seed, "strict": s.strict,
+                       "precision": model.effective_precision, "seed": s.seed,
+                       "strict": s.strict,
                        **({"image_size": s.image_size} if s.image_size else {}), **s.extra})
     if model.info.get("source") in reg.models:
         ctx.record_plugin("models", reg.models[model.info["source"]])
@@ -334,6 +352,8 @@ def defend(plugin: str, settings: Settings | None = None, *,
     reg = get_registry()
     cls = reg.defense(plugin)
     dfn = cls(options or {})
+    if clean_items < 1:
+        raise UsageError(f"--clean-items {clean_items}: use a positive number of items")
     given = load_artifact(trigger or attack_artifact, trigger=bool(trigger), registry=reg) \
         if (trigger or attack_artifact) else None
     inputs = RunInputs(trigger=given[1] if trigger and given else None,

@@ -310,6 +310,9 @@ class EmbeddingCache:
 
     def __init__(self, root: Path | str | None = None, *, max_shards: int = 64) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"cache folder {self.root} is a file, not a folder "
+                             "(set MMSEC_CACHE_DIR to a folder)")
         self.max_shards = max_shards
         self.stats = CacheStats()
         self._views: dict[tuple[str, str], _Namespace] = {}

@@ -53,7 +53,7 @@ class Defaults(_Strict):
     data: str | None = Field(None, description="dataset spec; null = embedded default data")
     device: str = Field("auto", pattern=_DEVICE_PATTERN, description="auto, cpu, cuda[:N], mps")
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16")
-    seed: int = Field(0, description="random seed")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed")
     split: str = Field("test", description="dataset split")
     limit: int | None = Field(None, ge=1, description="evaluate on N items only")
     clean_items: int = Field(1000, ge=1, description="defend steps: clean train items the "
@@ -76,7 +76,7 @@ class Step(_Strict):
     data: str | None = None
     device: str | None = Field(None, pattern=_DEVICE_PATTERN)
     precision: Precision | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     split: str | None = None
     limit: int | None = Field(None, ge=1)
     clean_items: int | None = Field(None, ge=1)

@@ -314,6 +314,16 @@ class Run:
                 quiet=quiet,
             )
         directory = Path(out)
+        try:
+            holds_run = cls._prepare(directory, kind, plugin, resume=resume)
+        except OSError as exc:  # a 300-character name, a read-only place, a file in the way
+            raise UsageError(f"{directory}: cannot use it as the run folder "
+                             f"({exc.strerror or exc})") from None
+        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet)
+
+    @staticmethod
+    def _prepare(directory: Path, kind: str, plugin: str | None, *, resume: bool) -> bool:
+        """Check ``--out`` and make it; True when it holds a run to continue."""
         if directory.exists() and not directory.is_dir():
             raise UsageError(f"{directory}: exists and is not a folder")
         holds_run = (directory / RESULTS_FILE).is_file() or _has_checkpoints(directory)
@@ -329,7 +339,7 @@ class Run:
         if holds_run:
             _check_same_run(directory, kind, plugin)
         directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet)
+        return holds_run
 
     # -- context manager --------------------------------------------------------------------
 
@@ -512,8 +522,10 @@ class Run:
             raise MmsecError(f"{path}: not an mmsec checkpoint")
         try:
             meta = json.loads(header[_CHECKPOINT_META_KEY])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise MmsecError(f"{path}: corrupt checkpoint metadata") from None
+        if not isinstance(meta, dict):
+            raise MmsecError(f"{path}: corrupt checkpoint metadata (not an object)")
         if _CHECKPOINT_CONFIG_KEY in header:
             self._check_resume_config(path, header[_CHECKPOINT_CONFIG_KEY])
         rng_states = {k: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)}
@@ -528,7 +540,7 @@ class Run:
         results.json would record only the new ones); see :data:`RESUME_SAFE_KEYS`."""
         try:
             saved = json.loads(saved_text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise MmsecError(f"{path}: corrupt checkpoint metadata") from None
         if not isinstance(saved, dict):
             raise MmsecError(f"{path}: corrupt checkpoint metadata")

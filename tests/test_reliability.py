@@ -373,3 +373,61 @@ def test_integer_or_nan_weights_are_refused_by_name(tmp_path: Path, zoo_model, k
     with pytest.raises(MmsecError, match=match) as info:
         load_model(pretrained=str(path), device="cpu")
     assert "text_projection" in str(info.value)
+
+
+# ------------------------------------------------------------------ usage errors: one line, exit 2
+@pytest.mark.parametrize("args,match", [
+    (["--limit", "0"], "--limit 0: use a positive"),
+    (["--limit", "-3"], "--limit -3: use a positive"),
+    (["--seed", "-1"], "--seed -1: use an integer"),
+    (["--seed", "99999999999999999999"], "use an integer from 0"),
+    (["--device", "mps"], "MPS is not available"),
+    (["--device", "tpu"], "invalid device"),
+    (["--out", "x" * 300], "cannot use it as the run folder"),
+])
+def test_usage_errors_are_one_line_exit_2(tmp_path: Path, monkeypatch, args, match) -> None:
+    from mmsec.testing import invoke
+
+    monkeypatch.chdir(tmp_path)
+    result = invoke("eval", "--knn-bank", "0", *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], lines
+    assert not (tmp_path / "mmsec-runs").exists()  # refused before a run folder exists
+
+
+def test_cache_folder_that_is_a_file_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from mmsec.testing import invoke
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cachefile").write_text("x")
+    monkeypatch.setenv("MMSEC_CACHE_DIR", str(tmp_path / "cachefile"))
+    result = invoke("eval", "--knn-bank", "0", "--limit", "4")
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    assert not (tmp_path / "mmsec-runs").exists()
+
+
+def test_empty_or_hostile_checkpoint_files_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from mmsec.api import load_artifact
+    from mmsec.model import load_model
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(MmsecError, match=r"empty\.pt: cannot load .* \(EOFError\)"):
+        load_model(pretrained=str(tmp_path / "empty.pt"), device="cpu")
+    deep = "[" * 100_000 + "]" * 100_000
+    for meta in ({"meta": deep}, {"meta": "[1, 2]"}, {"meta": "{}"}):
+        save_file({"patch": torch.zeros(3, 4, 4)}, str(tmp_path / "a.safetensors"),
+                  metadata={"format": "mmsec-artifact-v2", **meta})
+        with pytest.raises(MmsecError, match="artifact"):
+            load_artifact(tmp_path / "a.safetensors")
+
+
+def test_bf16_on_the_cpu_records_the_precision_that_ran(tmp_path: Path) -> None:
+    from mmsec import api
+
+    res = api.eval(api.Settings(out=tmp_path / "r", limit=8, device="cpu", precision="bf16",
+                                quiet=True), knn_bank=0)
+    assert res["precision"] == "fp32" and res["precision_requested"] == "bf16"
+    assert "precision: fp32" in (tmp_path / "r" / "config.yaml").read_text()
