@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import MmsecError, UsageError
+from .errors import MmsecError, UsageError, one_line
 
 log = logging.getLogger("mmsec")
 
@@ -39,7 +39,7 @@ def handle_errors(fn):
         except MmsecError as exc:
             if _debug():
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -47,7 +47,7 @@ def handle_errors(fn):
         except Exception as exc:  # the last line of defence: no traceback for users
             if _debug():
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
             click.echo(f"Error: {type(exc).__name__}: {first} (set MMSEC_DEBUG=1 for the "
                        "traceback)", err=True)
             sys.exit(1)

@@ -288,7 +288,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         keys: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in keys:
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found a {type(key).__name__} as a key (keys are names)",
+                    key_node.start_mark)
+            if key in keys:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
                     node.start_mark,
@@ -354,7 +359,10 @@ def _error_line(err: ValidationError, lines: dict[tuple[Any, ...], int]) -> int 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Validate recipe YAML ``text``; ``source`` names it in errors (see :func:`load_recipe`)."""
-    loader = _UniqueKeyLoader(text)
+    try:  # the reader checks the characters as soon as the loader is made
+        loader = _UniqueKeyLoader(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{source}: YAML error: {str(exc).splitlines()[0]}") from None
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_NODES:
@@ -369,7 +377,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             problem = "unsupported YAML tag " + problem.split("for the tag", 1)[-1].strip()
         raise UsageError(f"{where}: YAML error: {problem}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"{source}: YAML error: {exc}") from None
+        raise UsageError(f"{source}: YAML error: {str(exc).splitlines()[0]}") from None
     finally:
         loader.dispose()
     if data is None:

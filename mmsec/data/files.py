@@ -61,8 +61,8 @@ def _scan_file(path: Path) -> _FileInfo:
 
     try:
         st = path.stat()
-    except OSError as exc:
-        return _FileInfo(error=f"cannot read: {exc.strerror or exc}")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        return _FileInfo(error=f"cannot read: {getattr(exc, 'strerror', None) or exc}")
     memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if memo_key in _SCAN_MEMO:
         return _SCAN_MEMO[memo_key]
@@ -453,7 +453,8 @@ def _confined(folder: Path, image: object, where: str) -> Path:
     from elsewhere must not make mmsec open ``/etc/...`` or ``../../secret``."""
     text = str(image if image is not None else "").strip()
     relative = Path(text)
-    if not text or relative.is_absolute() or ".." in relative.parts or text.startswith("~"):
+    if not text or relative.is_absolute() or ".." in relative.parts or text.startswith("~") \
+            or "\x00" in text:
         shown = text if len(text) <= 80 else text[:77] + "..."
         raise MmsecError(f"{where}: image path {shown!r} must be relative to the file's "
                          "folder, without '..'")
