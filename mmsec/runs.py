@@ -280,7 +280,10 @@ class Run:
         self.finished: datetime | None = None
         self._clock = time.perf_counter()
         self._closed = False
-        self._write_results()
+        if not resumed:
+            # a reopened run keeps its results.json until this one ends: a refused --resume
+            # (other settings) must not replace a completed run's results with "running"
+            self._write_results()
         verb = "resuming" if resumed else "run folder"
         self.log.info("%s: %s", verb, self.dir, extra={"file_only": True})
 
