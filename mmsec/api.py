@@ -436,7 +436,14 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     recipe = load_recipe(path)
     reg = get_registry()
     steps = list(recipe.resolved_steps())
+    kinds = {st.id: st for st in steps}
     for st in steps:  # validate everything before running anything
+        source = kinds.get(st.model_from) if st.model_from else None
+        if source is not None and source.kind == "attack" \
+                and getattr(reg.attack(source.plugin), "changes_model", None) is False:
+            raise UsageError(f'{st.label}: model_from names step "{source.id}", whose attack '
+                             f'"{source.plugin}" writes no model (only attacks that change the '
+                             "model, such as backdoor, and defenses do)")
         if st.kind in ("attack", "defend") or st.robust:
             name = st.robust or st.plugin
             cls = reg.defense(name) if st.kind == "defend" else reg.attack(name)

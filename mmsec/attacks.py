@@ -153,6 +153,10 @@ class Attack(Plugin):
     universal: ClassVar[bool] = True
     #: what ``apply`` / ``apply_text`` change: ``("image",)``, ``("text",)`` or both
     perturbs: ClassVar[tuple[str, ...]] = ("image",)
+    #: whether ``fit`` returns a changed model (``AttackResult(model=...)``, a backdoor):
+    #: True, False, or None (not declared). A recipe step's ``model_from`` naming an attack
+    #: that declares False is refused before anything runs.
+    changes_model: ClassVar[bool | None] = None
 
     def fit(self, model, data, run) -> Artifact | AttackResult:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -431,3 +431,16 @@ def test_bf16_on_the_cpu_records_the_precision_that_ran(tmp_path: Path) -> None:
                                 quiet=True), knn_bank=0)
     assert res["precision"] == "fp32" and res["precision_requested"] == "bf16"
     assert "precision: fp32" in (tmp_path / "r" / "config.yaml").read_text()
+
+
+def test_model_from_an_attack_that_writes_no_model_is_refused_before_running(
+        tmp_path: Path) -> None:
+    from mmsec.api import run_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - {id: patch, kind: attack, plugin: uap}\n"
+                      "  - {id: check, kind: eval, model_from: patch}\n")
+    with pytest.raises(UsageError, match='writes no model') as info:
+        run_recipe(recipe, out=tmp_path / "out")
+    assert 'steps[1] "check"' in str(info.value)
+    assert not (tmp_path / "out" / "patch").exists()  # nothing ran
