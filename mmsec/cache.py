@@ -315,6 +315,7 @@ class EmbeddingCache:
                              "(set MMSEC_CACHE_DIR to a folder)")
         self.max_shards = max_shards
         self.stats = CacheStats()
+        self._write_failed = False
         self._views: dict[tuple[str, str], _Namespace] = {}
         self._lock = threading.RLock()
 
@@ -472,7 +473,15 @@ class EmbeddingCache:
                 return None
             new_keys = [keys[i] for i in fresh]
             new_vecs = arr if len(fresh) == len(keys) else np.ascontiguousarray(arr[fresh])
-            path = self._write_shard(fingerprint, kind, new_keys, new_vecs)
+            try:
+                path = self._write_shard(fingerprint, kind, new_keys, new_vecs)
+            except OSError as exc:  # disk full, read-only: the cache only saves time
+                if not self._write_failed:
+                    logger.warning("could not write to the embedding cache %s (%s); continuing "
+                                "without caching", self.root, exc.strerror or exc)
+                self._write_failed = True
+                view.add(new_keys, new_vecs)  # still found again in this process
+                return None
             view.loaded.add(path.name)
             view.add(new_keys, new_vecs)
             self.stats.written += len(new_keys)

@@ -444,3 +444,28 @@ def test_model_from_an_attack_that_writes_no_model_is_refused_before_running(
         run_recipe(recipe, out=tmp_path / "out")
     assert 'steps[1] "check"' in str(info.value)
     assert not (tmp_path / "out" / "patch").exists()  # nothing ran
+
+
+def test_disk_full_in_the_cache_keeps_the_run_going(tmp_path: Path, monkeypatch,
+                                                    caplog) -> None:
+    from mmsec import cache as mcache
+
+    keys = [f"{i:064x}" for i in range(6)]
+    vectors = torch.arange(6 * 4, dtype=torch.float32).reshape(6, 4)
+    store = mcache.EmbeddingCache(tmp_path / "c")
+    store.put("fp", "image", keys[:3], vectors[:3])  # the previous complete state
+    monkeypatch.setattr(mcache, "write_atomic", _enospc)
+    calls: list[list[int]] = []
+
+    def encode(idx: list[int]) -> torch.Tensor:
+        calls.append(list(idx))
+        return vectors[idx]
+
+    with caplog.at_level(logging.WARNING, logger="mmsec.cache"):
+        out = store.encode("fp", "image", keys, lambda idx: vectors[idx], progress=False)
+        again = store.encode("fp", "image", keys, encode, progress=False)
+    assert torch.equal(out, vectors) and torch.equal(again, vectors)
+    assert calls == []  # the second pass found them in memory
+    assert "No space left on device" in caplog.text and "continuing without" in caplog.text
+    fresh = mcache.EmbeddingCache(tmp_path / "c")  # the shard written before is intact
+    assert torch.equal(torch.as_tensor(fresh.get("fp", "image", keys[:3])[0]), vectors[:3])
