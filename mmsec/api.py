@@ -65,8 +65,14 @@ def _culprit(reg: Registry, plugin: Any, phase: str) -> Iterator[None]:
         p = reg.provenance(kind, type(plugin))
         who = f'plugin "{plugin.name}" ({p["distribution"] or "?"} {p["version"] or ""}'.rstrip()
         if isinstance(exc, MmsecError):
-            raise type(exc)(f"{who}), {phase}: {exc}") from exc
-        raise PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}") from exc
+            err: MmsecError = type(exc)(f"{who}), {phase}: {exc}")
+        else:
+            err = PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}")
+        # the run folder records who failed where (Run.fail reads these)
+        err.failure = {"plugin": plugin.name, "distribution": p["distribution"],
+                       "version": p["version"], "phase": phase,
+                       "exception": type(exc).__name__}
+        raise err from exc
 
 
 #: built-in sources that read image files and take ``image_size``

@@ -654,6 +654,8 @@ class Run:
         """Record a failure (``status`` "failed", or "interrupted" on Ctrl-C) and write outputs."""
         self.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         self.fields["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(getattr(exc, "failure", None), dict):  # a plugin's, from the host
+            self.fields["failure"] = exc.failure
         try:
             _flatten_metrics(self.metrics)
         except TypeError:

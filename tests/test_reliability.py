@@ -469,3 +469,35 @@ def test_disk_full_in_the_cache_keeps_the_run_going(tmp_path: Path, monkeypatch,
     assert "No space left on device" in caplog.text and "continuing without" in caplog.text
     fresh = mcache.EmbeddingCache(tmp_path / "c")  # the shard written before is intact
     assert torch.equal(torch.as_tensor(fresh.get("fp", "image", keys[:3])[0]), vectors[:3])
+
+
+def test_a_plugin_raising_mid_run_is_recorded_and_others_keep_working(tmp_path: Path):
+    from mmsec import api
+    from mmsec.attacks import Attack
+    from mmsec.options import Options as PluginOptions
+    from mmsec.testing import hook_module, make_registry, use_registry
+
+    class Flaky(Attack):
+        name = "flaky"
+        description = "fails half way through fit"
+        universal = False  # fits on the 8 evaluation items, not the whole train split
+
+        class Options(PluginOptions):
+            pass
+
+        def fit(self, model, data, run):
+            run.run.metrics["flaky_progress"] = 0.5  # a partial figure before the failure
+            raise RuntimeError("out of luck at step 7")
+
+    module = hook_module("flaky_plugin", register_attacks=lambda register: register(Flaky))
+    with use_registry(make_registry(module, builtins=["pgd"])):
+        settings = api.Settings(out=tmp_path / "bad", limit=8, device="cpu", quiet=True)
+        with pytest.raises(MmsecError, match=r'plugin "flaky" .* failed in fit'):
+            api.attack("flaky", settings, knn_bank=0)
+        res = json.loads((tmp_path / "bad" / "results.json").read_text())
+        assert res["status"] == "failed" and "out of luck at step 7" in res["error"]
+        assert res["failure"]["plugin"] == "flaky" and res["failure"]["phase"] == "fit"
+        assert res["metrics"] == {"flaky_progress": 0.5}
+        ok = api.attack("pgd", api.Settings(out=tmp_path / "ok", limit=8, device="cpu",
+                                           quiet=True), options={"steps": 2}, knn_bank=0)
+        assert ok["status"] == "completed"
