@@ -501,3 +501,15 @@ def test_a_plugin_raising_mid_run_is_recorded_and_others_keep_working(tmp_path: 
         ok = api.attack("pgd", api.Settings(out=tmp_path / "ok", limit=8, device="cpu",
                                            quiet=True), options={"steps": 2}, knn_bank=0)
         assert ok["status"] == "completed"
+
+
+def test_zoo_train_never_writes_over_the_installed_zoo(tmp_path: Path) -> None:
+    from mmsec.model import ZOO_DIR
+    from mmsec.zoo.train import zoo_out_dir
+
+    before = (ZOO_DIR / "shapes.safetensors").stat().st_mtime_ns
+    for out_dir in (None, ZOO_DIR, ZOO_DIR / "sub" / ".."):
+        with pytest.raises(UsageError, match="ships with mmsec|is where the shipped"):
+            zoo_out_dir("shapes", out_dir)
+    assert zoo_out_dir("shapes", tmp_path) == tmp_path
+    assert (ZOO_DIR / "shapes.safetensors").stat().st_mtime_ns == before
