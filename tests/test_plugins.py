@@ -400,7 +400,7 @@ def test_wrong_hook_argument_names_are_rejected():
     assert reg.attacks == {} and reg.defense("dummy-defense") is DummyDefense
 
 
-def test_hook_calling_sys_exit_is_named_and_others_keep_working():
+def test_sys_exit_in_a_hook_is_named_and_others_keep_working():
     reg = registry_of(plugin("quitter", register_attacks=raises(SystemExit(3))),
                       plugin("calm", register_defenses=registers(DummyDefense)))
     error = reg.plugins["quitter"].error
