@@ -68,16 +68,36 @@ def _culprit(reg: Registry, plugin: Any, phase: str) -> Iterator[None]:
         p = reg.provenance(kind, type(plugin))
         who = f'plugin "{plugin.name}" ({p["distribution"] or "?"} {p["version"] or ""}'.rstrip()
         if isinstance(exc, MmsecError):
-            raise type(exc)(f"{who}), {phase}: {exc}") from exc
-        raise PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}") from exc
+            err: MmsecError = type(exc)(f"{who}), {phase}: {exc}")
+        else:
+            err = PluginError(f"{who}) failed in {phase}: {type(exc).__name__}: {exc}")
+        # the run folder records who failed where (Run.fail reads these)
+        err.failure = {"plugin": plugin.name, "distribution": p["distribution"],
+                       "version": p["version"], "phase": phase,
+                       "exception": type(exc).__name__}
+        raise err from exc
 
 
 #: built-in sources that read image files and take ``image_size``
 _FILE_SOURCES = ("imagefolder", "captions")
 
 
+#: seeds NumPy accepts (seed_everything seeds torch, NumPy and Python with it)
+MAX_SEED = 2**32 - 1
+
+
+def check_settings(s: Settings) -> None:
+    """Usage errors in the shared settings, as one line (exit 2) before anything loads."""
+    if isinstance(s.seed, bool) or not isinstance(s.seed, int) or not 0 <= s.seed <= MAX_SEED:
+        raise UsageError(f"--seed {s.seed}: use an integer from 0 to {MAX_SEED}")
+    if s.limit is not None and (isinstance(s.limit, bool) or not isinstance(s.limit, int)
+                                or s.limit < 1):
+        raise UsageError(f"--limit {s.limit}: use a positive number of items")
+
+
 def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None = None
           ) -> tuple[RunContext, ClipModel]:
+    check_settings(s)
     seed_everything(s.seed)
     started = time.perf_counter()
     reg = get_registry()
@@ -87,21 +107,25 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
         # Image files load at the model's input size (one antialiased resize, as `zoo train`
         # trains), not at whatever size the first file happens to have.
         s.image_size = int(model.image_size)
+    cache = EmbeddingCache()  # a cache folder that is a file fails here, before the run
     run = Run.create(s.out, kind, plugin, resume=s.resume, quiet=s.quiet, loggers=s.loggers)
     run.durations["load_model"] = round(time.perf_counter() - started, 3)
     ctx = RunContext(run, device=model.device, precision=s.precision, seed=s.seed,
-                     cache=EmbeddingCache(), registry=reg, strict=s.strict, inputs=inputs)
+                     cache=cache, registry=reg, strict=s.strict, inputs=inputs)
     for key, value in (("model", model.name), ("pretrained", model.pretrained),
                        ("model_fingerprint", model.fingerprint),
                        ("dataset", s.data or "procedural"), ("split", s.split),
                        ("seed", s.seed), ("device", str(ctx.device)),
-                       ("precision", s.precision)):
+                       ("precision", model.effective_precision)):
         run.set(key, value)
+    if model.effective_precision != s.precision:  # bf16 asked on the CPU runs fp32: say so
+        run.set("precision_requested", s.precision)
     # config.yaml: what this run really used (the resolved model, device, data)
     run.set("config", {"kind": kind, "plugin": plugin, "model": model.name,
                        "pretrained": model.pretrained, "data": s.data or "procedural",
                        "split": s.split, "limit": s.limit, "device": str(ctx.device),
-                       "precision": s.precision, "seed": s.seed, "strict": s.strict,
+                       "precision": model.effective_precision, "seed": s.seed,
+                       "strict": s.strict,
                        **({"image_size": s.image_size} if s.image_size else {}), **s.extra})
     if model.info.get("source") in reg.models:
         ctx.record_plugin("models", reg.models[model.info["source"]])
@@ -383,6 +407,8 @@ def defend(plugin: str, settings: Settings | None = None, *,
     reg = get_registry()
     cls = reg.defense(plugin)
     dfn = cls(options or {})
+    if clean_items < 1:
+        raise UsageError(f"--clean-items {clean_items}: use a positive number of items")
     given = load_artifact(trigger or attack_artifact, trigger=bool(trigger), registry=reg) \
         if (trigger or attack_artifact) else None
     inputs = RunInputs(trigger=given[1] if trigger and given else None,
@@ -417,6 +443,41 @@ def defend(plugin: str, settings: Settings | None = None, *,
 # --------------------------------------------------------------------------- recipes
 
 
+def _recipe_root(out: str | Path | None, name: str) -> Path:
+    """The recipe folder: ``--out`` (new or empty), else a fresh folder inside ./mmsec-runs.
+
+    A folder that already holds files is refused: the steps' run folders and summary.md
+    would overwrite what is there.
+    """
+    import re
+
+    from .runs import DEFAULT_ROOT
+
+    if out is not None:
+        root = Path(out)
+        if root.exists() and not root.is_dir():
+            raise UsageError(f"{root}: exists and is not a folder")
+        if root.is_dir() and any(root.iterdir()):
+            what = "a recipe run" if (root / "summary.md").exists() else "files"
+            raise UsageError(f"{root}: already holds {what}; choose a new or empty --out")
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+    # the name comes from the file: keep only safe characters, so it stays one folder name
+    # inside the runs root whatever the recipe says (no "..", no "/")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._-")[:64] or "recipe"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    DEFAULT_ROOT.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        suffix = "" if attempt == 1 else f"-{attempt}"
+        root = DEFAULT_ROOT / f"{stamp}-recipe-{slug}{suffix}"
+        try:
+            root.mkdir()
+        except FileExistsError:
+            continue
+        return root
+    raise MmsecError(f"{DEFAULT_ROOT}: cannot make a fresh recipe folder")
+
+
 def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool = False,
                loggers: Sequence[str] | None = None) -> dict:
     """Run every step of a YAML recipe in order; returns ``{"dir", "steps": [results...],
@@ -426,19 +487,23 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
     from .options import validate_options
     from .recipes import load_recipe
     from .report import merge_runs, write_report_table
-    from .runs import DEFAULT_ROOT
 
     recipe = load_recipe(path)
     reg = get_registry()
     steps = list(recipe.resolved_steps())
+    kinds = {st.id: st for st in steps}
     for st in steps:  # validate everything before running anything
+        source = kinds.get(st.model_from) if st.model_from else None
+        if source is not None and source.kind == "attack" \
+                and getattr(reg.attack(source.plugin), "changes_model", None) is False:
+            raise UsageError(f'{st.label}: model_from names step "{source.id}", whose attack '
+                             f'"{source.plugin}" writes no model (only attacks that change the '
+                             "model, such as backdoor, and defenses do)")
         if st.kind in ("attack", "defend") or st.robust:
             name = st.robust or st.plugin
             cls = reg.defense(name) if st.kind == "defend" else reg.attack(name)
             validate_options(cls.Options, st.options, owner=f'{st.label}: plugin "{name}"')
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    root = Path(out) if out else DEFAULT_ROOT / f"{stamp}-recipe-{recipe.name or Path(path).stem}"
-    root.mkdir(parents=True, exist_ok=True)
+    root = _recipe_root(out, recipe.name or Path(path).stem)
     produced: dict[str, dict] = {}
     results = []
     done: list[Path] = []

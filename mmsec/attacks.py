@@ -96,8 +96,16 @@ class Artifact:
             source = json.loads(header.get("source", "{}"))
         except json.JSONDecodeError as exc:
             raise MmsecError(f"{path}: corrupt artifact header ({exc})") from None
-        if options is None:  # mmsec 0.1 kept the options inside meta
+        except RecursionError:
+            raise MmsecError(f"{path}: corrupt artifact header (JSON nested too deeply)") from None
+        if options is None and isinstance(meta, dict):  # mmsec 0.1 kept options inside meta
             options = meta.pop("options", {}) or {}
+        for key, value in (("meta", meta), ("options", options), ("source", source)):
+            if not isinstance(value, dict):
+                raise MmsecError(f"{path}: corrupt artifact header ({key} is a "
+                                 f"{type(value).__name__}, not an object)")
+        if not isinstance(header.get("plugin"), str) or not header["plugin"]:
+            raise MmsecError(f"{path}: corrupt artifact header (no plugin name)")
         return cls(plugin=header["plugin"], options=options, tensors=tensors, meta=meta,
                    source=source)
 
@@ -145,6 +153,10 @@ class Attack(Plugin):
     universal: ClassVar[bool] = True
     #: what ``apply`` / ``apply_text`` change: ``("image",)``, ``("text",)`` or both
     perturbs: ClassVar[tuple[str, ...]] = ("image",)
+    #: whether ``fit`` returns a changed model (``AttackResult(model=...)``, a backdoor):
+    #: True, False, or None (not declared). A recipe step's ``model_from`` naming an attack
+    #: that declares False is refused before anything runs.
+    changes_model: ClassVar[bool | None] = None
 
     def fit(self, model, data, run) -> Artifact | AttackResult:  # pragma: no cover - abstract
         raise NotImplementedError

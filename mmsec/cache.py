@@ -310,8 +310,12 @@ class EmbeddingCache:
 
     def __init__(self, root: Path | str | None = None, *, max_shards: int = 64) -> None:
         self.root = Path(root).expanduser() if root is not None else default_cache_dir()
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(f"cache folder {self.root} is a file, not a folder "
+                             "(set MMSEC_CACHE_DIR to a folder)")
         self.max_shards = max_shards
         self.stats = CacheStats()
+        self._write_failed = False
         self._views: dict[tuple[str, str], _Namespace] = {}
         self._lock = threading.RLock()
 
@@ -469,7 +473,15 @@ class EmbeddingCache:
                 return None
             new_keys = [keys[i] for i in fresh]
             new_vecs = arr if len(fresh) == len(keys) else np.ascontiguousarray(arr[fresh])
-            path = self._write_shard(fingerprint, kind, new_keys, new_vecs)
+            try:
+                path = self._write_shard(fingerprint, kind, new_keys, new_vecs)
+            except OSError as exc:  # disk full, read-only: the cache only saves time
+                if not self._write_failed:
+                    logger.warning("could not write to the embedding cache %s (%s); continuing "
+                                "without caching", self.root, exc.strerror or exc)
+                self._write_failed = True
+                view.add(new_keys, new_vecs)  # still found again in this process
+                return None
             view.loaded.add(path.name)
             view.add(new_keys, new_vecs)
             self.stats.written += len(new_keys)
@@ -774,7 +786,8 @@ class EmbeddingCache:
         """
         targets: list[Path]
         if fingerprint is None and kind is None:
-            targets = [self.directory]
+            # everything: the embeddings and the procedural data memo
+            targets = [self.directory, self.root / "procedural"]
         else:
             pairs = self._namespaces(fingerprint, kind)
             if kind is None and fingerprint is not None:

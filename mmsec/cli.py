@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import MmsecError, UsageError
+from .errors import MmsecError, UsageError, one_line
 
 log = logging.getLogger("mmsec")
 
@@ -39,7 +39,7 @@ def handle_errors(fn):
         except MmsecError as exc:
             if _debug():
                 raise
-            click.echo(f"Error: {exc}", err=True)
+            click.echo(f"Error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("Interrupted.", err=True)
@@ -47,7 +47,7 @@ def handle_errors(fn):
         except Exception as exc:  # the last line of defence: no traceback for users
             if _debug():
                 raise
-            first = str(exc).splitlines()[0] if str(exc) else ""
+            first = one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
             click.echo(f"Error: {type(exc).__name__}: {first} (set MMSEC_DEBUG=1 for the "
                        "traceback)", err=True)
             sys.exit(1)
@@ -480,6 +480,13 @@ def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_siz
     zoo_out_dir(name, Path(out_dir) if out_dir else None)  # a shipped name needs --out-dir
     run = Run.create(out, "zoo-train", name, resume=resume, loggers=_loggers(loggers))
     with run:
+        # what --resume must match (checkpoints record it; see RESUME_SAFE_KEYS)
+        run.set("config", {"kind": "zoo-train", "plugin": name, "data": data,
+                           "image_size": image_size, "vocab": vocab, "epochs": epochs,
+                           "steps": steps, "min_steps": min_steps, "batch_size": batch_size,
+                           "lr": lr, "augment": augment, "early_stop": early_stop, "seed": seed,
+                           "train_items": train_items, "test_items": test_items,
+                           "device": device, "strict": strict, "out_dir": out_dir})
         spec = train_zoo(name, data=data, epochs=epochs, steps=steps, min_steps=min_steps,
                          batch_size=batch_size, lr=lr, image_size=image_size, vocab=vocab,
                          augment=augment, early_stop=early_stop, seed=seed,

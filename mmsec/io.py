@@ -81,8 +81,11 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
 
 
 def write_atomic(path: str | os.PathLike[str], data: bytes | str) -> Path:
-    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically; returns the path."""
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically; returns the path.
+
+    A file name that is not UTF-8 (a surrogate-escaped ``str``) is written as ``\\udcff``
+    rather than failing the whole write."""
+    payload = data.encode("utf-8", "backslashreplace") if isinstance(data, str) else data
     with atomic_open(path, "wb") as handle:
         handle.write(payload)
     return Path(path)

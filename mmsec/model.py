@@ -75,6 +75,14 @@ def pick_device(device: str | torch.device | None = "auto") -> torch.device:
         raise UsageError(f"invalid device {device!r}: {exc}") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UsageError(f"device {device!r} requested but this machine has "
+                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None)
+                                  and torch.backends.mps.is_available()):
+        raise UsageError(f"device {device!r} requested but MPS is not available here")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"device {device!r}: mmsec runs on cpu, cuda[:N] or mps")
     return dev
 
 
@@ -212,6 +220,15 @@ class ClipModel(nn.Module):
     def logit_scale(self) -> torch.Tensor:
         return self.clip.logit_scale.exp().clamp(max=100)
 
+    @property
+    def effective_precision(self) -> str:
+        """The precision the model really runs at (reduced precision on the CPU runs fp32
+        unless ``MMSEC_CPU_AUTOCAST=1``; see :meth:`autocast`)."""
+        if self.precision != "fp32" and self.device.type == "cpu" \
+                and os.environ.get("MMSEC_CPU_AUTOCAST") != "1":
+            return "fp32"
+        return self.precision
+
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast context for the configured precision (a no-op in fp32).
 
@@ -221,7 +238,7 @@ class ClipModel(nn.Module):
         """
         if self.precision == "fp32":
             return contextlib.nullcontext()
-        if self.device.type == "cpu" and os.environ.get("MMSEC_CPU_AUTOCAST") != "1":
+        if self.effective_precision == "fp32":
             if not getattr(self, "_warned_cpu_precision", False):
                 self._warned_cpu_precision = True
                 log.warning("precision %s requested on the CPU: running fp32 "
@@ -731,11 +748,69 @@ def _zoo_file(path: str) -> tuple[dict, Path]:
                      "(not written by `mmsec zoo train`)")
 
 
+#: the largest zoo model mmsec builds from a spec (its own are ~1 M parameters; ViT-g is 1 B)
+MAX_ZOO_PARAMETERS = 1_000_000_000
+
+
+def _cfg_int(cfg: Mapping[str, Any], key: str, default: int, lo: int = 1,
+             hi: int = 1 << 20) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, (list, tuple)) and value:  # (h, w) sizes; a ResNet's stage depths
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise MmsecError(f"zoo spec: {key} = {value!r} holds a non-integer")
+        value = sum(value) if key == "layers" else max(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise MmsecError(f"zoo spec: {key} = {value!r} is not an integer in [{lo}, {hi}]")
+    return value
+
+
+def zoo_spec_parameters(spec: Mapping[str, Any]) -> int:
+    """About how many parameters a zoo spec's model has, from its config alone (so a file
+    whose metadata asks for a 65,536-wide tower is refused before anything is allocated)."""
+    cfg = spec.get("model_cfg")
+    if not isinstance(cfg, Mapping):
+        raise MmsecError("zoo spec: no model_cfg mapping")
+    vision, text = cfg.get("vision_cfg") or {}, cfg.get("text_cfg") or {}
+    if not isinstance(vision, Mapping) or not isinstance(text, Mapping):
+        raise MmsecError("zoo spec: vision_cfg and text_cfg must be mappings")
+    embed = _cfg_int(cfg, "embed_dim", 512)
+    v_width, v_layers = _cfg_int(vision, "width", 768), _cfg_int(vision, "layers", 12, hi=1024)
+    size, patch = _cfg_int(vision, "image_size", 224), _cfg_int(vision, "patch_size", 16)
+    t_width, t_layers = _cfg_int(text, "width", 512), _cfg_int(text, "layers", 12, hi=1024)
+    vocab, ctx = _cfg_int(text, "vocab_size", 49408), _cfg_int(text, "context_length", 77)
+    for tower, part in (("vision_cfg", vision), ("text_cfg", text)):
+        ratio = part.get("mlp_ratio", 4.0)
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 16:
+            raise MmsecError(f"zoo spec: {tower}.mlp_ratio = {ratio!r} is not in (0, 16]")
+        _cfg_int(part, "attn_pooler_queries", 256, hi=4096)
+    resnet = isinstance(vision.get("layers"), (list, tuple))  # stage depths; channels grow 8x
+    vision_params = 12 * v_width * v_width * v_layers * (64 if resnet else 1) \
+        + ((size // patch) ** 2 + 1) * v_width + 3 * patch * patch * v_width \
+        + v_width * embed
+    text_params = 12 * t_width * t_width * t_layers + (vocab + ctx) * t_width + t_width * embed
+    return vision_params + text_params
+
+
+def check_zoo_spec(spec: Mapping[str, Any], weights: Mapping[str, torch.Tensor] | None,
+                   source: str) -> None:
+    """Refuse a spec whose model would be absurdly large, or far larger than its weights."""
+    try:
+        planned = zoo_spec_parameters(spec)
+    except MmsecError as exc:
+        raise MmsecError(f"{source}: {exc}") from None
+    held = sum(int(t.numel()) for t in weights.values()) if weights is not None else None
+    if planned > MAX_ZOO_PARAMETERS or (held is not None and planned > 4 * held + 1_000_000):
+        what = f" while the file holds {held:,}" if held is not None else ""
+        raise MmsecError(f"{source}: its zoo spec describes a model of ~{planned:,} "
+                         f"parameters{what}; refusing to build it (metadata tampered with?)")
+
+
 def build_zoo_model(spec: dict) -> ClipModel:
     """An untrained ClipModel of a zoo spec (open_clip CLIP from its config, trimmed tokenizer)."""
     from open_clip.model import CLIP
 
     spec = {k: v for k, v in spec.items() if not k.startswith("_")}
+    check_zoo_spec(spec, None, f"zoo:{spec.get('name')}")
     cfg = spec["model_cfg"]
     clip = CLIP(**cfg)
     if spec["vocab"] == "full":  # open_clip's whole BPE vocabulary
@@ -762,7 +837,8 @@ def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle / zip errors, or refused non-weight objects
         raise MmsecError(f"{path}: cannot load as a torch state dict with weights_only=True "
-                         f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+                         f"({type(exc).__name__}{': ' if str(exc) else ''}"
+                         f"{(str(exc).splitlines() or [''])[0][:200]})") from exc
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -786,6 +862,20 @@ def load_weights(module: nn.Module, state: dict[str, torch.Tensor], source: str)
                  f"shape mismatch: {few(shapes)}" if shapes else ""]
         raise MmsecError(f"checkpoint {source} does not fit this model: "
                          + "; ".join(p for p in parts if p))
+    # weights are cast to the model's dtype, but only between floating types: integer
+    # weights are not weights (an int64 tensor cast to float loads a model of garbage), and
+    # NaN/inf poison every output
+    ints = sorted(f"{k} ({v.dtype})" for k, v in state.items()
+                  if own[k].is_floating_point() and not v.is_floating_point())
+    if ints:
+        raise MmsecError(f"checkpoint {source}: non-floating weights: {', '.join(ints[:5])}"
+                         + (f" (+{len(ints) - 5} more)" if len(ints) > 5 else ""))
+    bad = sorted(k for k, v in state.items() if v.is_floating_point()
+                 and not bool(torch.isfinite(v).all()))
+    if bad:
+        raise MmsecError(f"checkpoint {source}: NaN or infinite values in "
+                         + ", ".join(bad[:5]) + (f" (+{len(bad) - 5} more)" if len(bad) > 5
+                                                  else ""))
     module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
 
 
@@ -828,18 +918,24 @@ def _load_zoo(name: str | None, pretrained: str | None, state: dict | None,
     else:
         spec = read_zoo_spec(name)
         weights = Path(spec["_dir"]) / spec["weights"]
-    cm = build_zoo_model(spec)
     source = str(pretrained)
-    if state is None:
+    given = state is not None
+    if state is None:  # read the weights first: the spec is checked against them
         assert weights is not None
         if not weights.exists():
             raise MmsecError(f"zoo model {name!r} has no weights at {weights}; "
                              f"run `mmsec zoo train --name {name}`")
         state, _ = read_state_dict(weights)
-        cm.pretrained = f"zoo:{name}" if not _is_path_like(name) else str(weights)
         source = str(weights)
-    else:
+    # a spec that came with the weights must fit them (the shipped zoo's own is trusted; a
+    # stranger's weights for it get load_weights' key/shape report instead)
+    from_file = given and ("zoo" in meta or meta.get("format") == ZOO_FORMAT_V1)
+    check_zoo_spec(spec, state if from_file else None, source)
+    cm = build_zoo_model(spec)
+    if given:
         cm.pretrained = str(pretrained)
+    else:
+        cm.pretrained = f"zoo:{name}" if not _is_path_like(name) else str(weights)
     load_weights(cm.clip, state, source)
     return cm
 
@@ -855,7 +951,7 @@ def _load_open_clip(name: str | None, pretrained: str | None, state: dict | None
         clip = open_clip.create_model(name, pretrained=None if state is not None else pretrained)
     except RuntimeError as exc:
         raise MmsecError(f"open_clip could not create {name} with pretrained={pretrained!r}: "
-                         f"{str(exc).splitlines()[0]}") from exc
+                         f"{(str(exc).splitlines() or [''])[0]}") from exc
     if state is not None:
         load_weights(clip, state, str(pretrained))
     cfg = open_clip.get_model_config(name) or {}

@@ -36,7 +36,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
-from mmsec.errors import UsageError
+from mmsec.errors import UsageError, one_line
 
 __all__ = [
     "FloatExpr",
@@ -106,7 +106,7 @@ def _split_list(text: str) -> list[Any]:
     if stripped.startswith("["):
         try:
             loaded = json.loads(stripped)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             loaded = None
         if isinstance(loaded, list):
             return loaded
@@ -121,8 +121,12 @@ def _flow_mapping(text: str) -> Any:
     import yaml
 
     try:
+        # anchors/aliases could expand a short value into gigabytes once results.json
+        # records it; deep nesting overflows the composer's recursion
+        if any(isinstance(e, (yaml.AliasEvent,)) for e in yaml.parse(text)):
+            return text
         loaded = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return text
     return loaded if isinstance(loaded, dict) else text
 
@@ -355,7 +359,7 @@ def format_validation_error(
         if _shows_input(error):
             reason += f", got {_short_repr(error['input'])}"
         parts.append(f'{noun} "{path}": {reason}' if path else reason)
-    return f"{owner}: " + "; ".join(parts)
+    return one_line(f"{owner}: " + "; ".join(parts))
 
 
 def _short_repr(value: Any, limit: int = 60) -> str:

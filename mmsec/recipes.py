@@ -53,7 +53,7 @@ class Defaults(_Strict):
     data: str | None = Field(None, description="dataset spec; null = embedded default data")
     device: str = Field("auto", pattern=_DEVICE_PATTERN, description="auto, cpu, cuda[:N], mps")
     precision: Precision = Field("fp32", description="fp32, bf16 or fp16")
-    seed: int = Field(0, description="random seed")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed")
     split: str = Field("test", description="dataset split")
     limit: int | None = Field(None, ge=1, description="evaluate on N items only")
     clean_items: int = Field(1000, ge=1, description="defend steps: clean train items the "
@@ -76,7 +76,7 @@ class Step(_Strict):
     data: str | None = None
     device: str | None = Field(None, pattern=_DEVICE_PATTERN)
     precision: Precision | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
     split: str | None = None
     limit: int | None = Field(None, ge=1)
     clean_items: int | None = Field(None, ge=1)
@@ -152,7 +152,10 @@ _REFERENCES: dict[str, tuple[str, ...]] = {
 class Recipe(_Strict):
     """A validated recipe. Use :meth:`resolved_steps` to get steps with defaults merged."""
 
-    name: str | None = None
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64,
+        description="the recipe's name (the default folder name): letters, digits, _ . -",
+    )
     description: str | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     steps: list[Step] = Field(min_length=1)
@@ -257,14 +260,40 @@ class ResolvedStep:
         return f'steps[{self.index}] "{self.id}"'
 
 
+#: a recipe is a few hundred nodes; anchors and aliases may share a block between steps,
+#: but what they expand to is bounded ("billion laughs": a 1 KB file of nested aliases
+#: expands to gigabytes in any walk of the document)
+MAX_NODES = 100_000
+MAX_DEPTH = 64
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects a key repeated in one mapping (YAML keeps the last)."""
+    """``yaml.SafeLoader`` that rejects a key repeated in one mapping (YAML keeps the last)
+    and documents nested deeper than :data:`MAX_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self._depth >= MAX_DEPTH:
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", event.start_mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         keys: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, (str, int, float, bool)) and key in keys:
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found a {type(key).__name__} as a key (keys are names)",
+                    key_node.start_mark)
+            if key in keys:
                 raise yaml.constructor.ConstructorError(
                     "while constructing a mapping",
                     node.start_mark,
@@ -273,6 +302,30 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 )
             keys.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many nodes ``node`` stands for once aliases are expanded (memoised per node, so
+    this is linear in the file; a node that contains itself counts as unbounded)."""
+    key = id(node)
+    if key in sizes:
+        if sizes[key] < 0:  # still being counted: a recursive alias
+            return MAX_NODES + 1
+        return sizes[key]
+    sizes[key] = -1
+    total = 1
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = list(node.value)
+    else:
+        children = []
+    for child in children:
+        total += _expanded_size(child, sizes)
+        if total > MAX_NODES:
+            break
+    sizes[key] = total
+    return total
 
 
 def _key_lines(node: yaml.Node | None, prefix: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
@@ -306,9 +359,15 @@ def _error_line(err: ValidationError, lines: dict[tuple[Any, ...], int]) -> int 
 
 def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
     """Validate recipe YAML ``text``; ``source`` names it in errors (see :func:`load_recipe`)."""
-    loader = _UniqueKeyLoader(text)
+    try:  # the reader checks the characters as soon as the loader is made
+        loader = _UniqueKeyLoader(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{source}: YAML error: {str(exc).splitlines()[0]}") from None
     try:
         node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_NODES:
+            raise UsageError(f"{source}: YAML error: the document expands to more than "
+                             f"{MAX_NODES:,} nodes (nested anchors and aliases)")
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -318,7 +377,7 @@ def parse_recipe(text: str, source: str = "<recipe>") -> Recipe:
             problem = "unsupported YAML tag " + problem.split("for the tag", 1)[-1].strip()
         raise UsageError(f"{where}: YAML error: {problem}") from None
     except yaml.YAMLError as exc:
-        raise UsageError(f"{source}: YAML error: {exc}") from None
+        raise UsageError(f"{source}: YAML error: {str(exc).splitlines()[0]}") from None
     finally:
         loader.dispose()
     if data is None:

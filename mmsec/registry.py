@@ -164,9 +164,9 @@ class Registry:
                     if tracing():
                         log.info('trace: plugin "%s" %s', name, hook)
                     impl.function(**{arg: stage for arg in impl.argnames})
-            except Exception as exc:  # a third-party hook may raise anything
+            except (Exception, SystemExit) as exc:  # a third-party hook may raise anything
                 dropped = ", ".join(f"{k[:-1]} {getattr(i, 'name', i)}" for k, i in staged)
-                info.error = (f"{hook} raised {type(exc).__name__}: {exc}; nothing of this "
+                info.error = (f"{hook} raised {_describe(exc)}; nothing of this "
                               f"plugin is registered"
                               + (f" (dropped: {dropped})" if dropped else ""))
                 log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info), info.error)
@@ -241,8 +241,8 @@ class Registry:
                 impl.function(cli=cli)
                 info.items.setdefault("commands", []).extend(
                     sorted(set(getattr(cli, "commands", {})) - before))
-            except Exception as exc:  # a third-party hook may raise anything
-                info.error = f"register_commands raised {type(exc).__name__}: {exc}"
+            except (Exception, SystemExit) as exc:  # a third-party hook may raise anything
+                info.error = f"register_commands raised {_describe(exc)}"
                 log.warning('Error in plugin "%s"%s: %s', info.name, _dist_note(info), info.error)
 
     # ------------------------------------------------------------------ lookups
@@ -321,6 +321,14 @@ class Registry:
         return load_dataset(spec, sources=self.datasets, **kwargs)
 
 
+def _describe(exc: BaseException) -> str:
+    """``Type: message``; ``sys.exit(3)`` in a plugin reads as what it is."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit (called sys.exit({exc.code!r}))"
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def _dist_note(info: PluginInfo) -> str:
     if info.distribution:
         return f" (distribution {info.distribution} {info.version or ''})".replace(" )", ")")
@@ -387,8 +395,8 @@ def load_plugins(selection: str | None = None) -> Registry:
         seen.add(ep.name)
         try:
             module = ep.load()
-        except Exception as exc:  # any import-time failure of a third-party module
-            info.error = f"import failed: {type(exc).__name__}: {exc}"
+        except (Exception, SystemExit) as exc:  # any import-time failure, sys.exit() too
+            info.error = f"import failed: {_describe(exc)}"
             log.warning('Error importing plugin "%s"%s: %s', ep.name, _dist_note(info),
                         info.error)
             reg.plugins[ep.name] = info

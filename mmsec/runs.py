@@ -62,6 +62,10 @@ ARTIFACTS_DIR = "artifacts"
 DEFAULT_ROOT = Path("mmsec-runs")
 
 _CHECKPOINT_META_KEY = "mmsec_checkpoint"
+_CHECKPOINT_CONFIG_KEY = "mmsec_config"
+#: settings a resumed run may change: the device (it moves the run, not what it computes)
+#: and the length of the schedule (a finished loop continues to the new number of epochs)
+RESUME_SAFE_KEYS = frozenset({"device", "options.epochs", "epochs", "steps", "min_steps"})
 _RNG_PREFIX = "__rng__."
 _T = TypeVar("_T")
 
@@ -171,7 +175,8 @@ def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
     logger = logging.getLogger(f"mmsec.run.{next(_run_counter)}")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8")
+    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8",
+                                       errors="backslashreplace")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
@@ -285,7 +290,10 @@ class Run:
         self.finished: datetime | None = None
         self._clock = time.perf_counter()
         self._closed = False
-        self._write_results()
+        if not resumed:
+            # a reopened run keeps its results.json until this one ends: a refused --resume
+            # (other settings) must not replace a completed run's results with "running"
+            self._write_results()
         verb = "resuming" if resumed else "run folder"
         self.log.info("%s: %s", verb, self.dir, extra={"file_only": True})
 
@@ -325,9 +333,24 @@ class Run:
                 loggers=loggers,
             )
         directory = Path(out)
+        try:
+            holds_run = cls._prepare(directory, kind, plugin, resume=resume)
+        except OSError as exc:  # a 300-character name, a read-only place, a file in the way
+            raise UsageError(f"{directory}: cannot use it as the run folder "
+                             f"({exc.strerror or exc})") from None
+        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet,
+                   loggers=loggers)
+
+    @staticmethod
+    def _prepare(directory: Path, kind: str, plugin: str | None, *, resume: bool) -> bool:
+        """Check ``--out`` and make it; True when it holds a run to continue."""
         if directory.exists() and not directory.is_dir():
             raise UsageError(f"{directory}: exists and is not a folder")
         holds_run = (directory / RESULTS_FILE).is_file() or _has_checkpoints(directory)
+        if not holds_run and directory.is_dir() and any(directory.iterdir()):
+            raise UsageError(
+                f"{directory}: is not empty and holds no mmsec run; choose a new or empty "
+                "--out (mmsec would overwrite files there)")
         if holds_run and not resume:
             raise UsageError(
                 f"{directory}: already holds a run; pass --resume to continue it "
@@ -336,8 +359,7 @@ class Run:
         if holds_run:
             _check_same_run(directory, kind, plugin)
         directory.mkdir(parents=True, exist_ok=True)
-        return cls(directory, kind, plugin, resume=resume, resumed=holds_run, quiet=quiet,
-                   loggers=loggers)
+        return holds_run
 
     # -- context manager --------------------------------------------------------------------
 
@@ -346,8 +368,14 @@ class Run:
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
         try:
-            if exc is not None and self.status == "running":
-                self.fail(exc)
+            if isinstance(exc, ResumeMismatch):
+                # nothing ran: leave the folder to the run it holds
+                self.log.error("%s", exc, extra={"file_only": True})
+            elif exc is not None and self.status == "running":
+                try:
+                    self.fail(exc)
+                except Exception as second:  # never hide the error that ended the run
+                    self.log.error("could not record the failure: %s", second)
         finally:
             self.close()
 
@@ -499,6 +527,7 @@ class Run:
             tensors.update(capture_rng_state())
         header = {
             _CHECKPOINT_META_KEY: meta_text,
+            _CHECKPOINT_CONFIG_KEY: json.dumps(self._config(), sort_keys=True),
             "slot": slot,
             "kind": self.kind,
             "plugin": self.plugin or "",
@@ -525,14 +554,37 @@ class Run:
             raise MmsecError(f"{path}: not an mmsec checkpoint")
         try:
             meta = json.loads(header[_CHECKPOINT_META_KEY])
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise MmsecError(f"{path}: corrupt checkpoint metadata") from None
+        if not isinstance(meta, dict):
+            raise MmsecError(f"{path}: corrupt checkpoint metadata (not an object)")
+        if _CHECKPOINT_CONFIG_KEY in header:
+            self._check_resume_config(path, header[_CHECKPOINT_CONFIG_KEY])
         rng_states = {k: v for k, v in tensors.items() if k.startswith(_RNG_PREFIX)}
         state = {k: v for k, v in tensors.items() if not k.startswith(_RNG_PREFIX)}
         if restore_rng:
             restore_rng_state({k: v.cpu() for k, v in rng_states.items()})
         self.log.info("resumed %s from its checkpoint (%s)", slot, json.dumps(meta)[:120])
         return state, meta
+
+    def _check_resume_config(self, path: Path, saved_text: str) -> None:
+        """Refuse to continue a checkpoint made under other settings (a hybrid run whose
+        results.json would record only the new ones); see :data:`RESUME_SAFE_KEYS`."""
+        try:
+            saved = json.loads(saved_text)
+        except (json.JSONDecodeError, RecursionError):
+            raise MmsecError(f"{path}: corrupt checkpoint metadata") from None
+        if not isinstance(saved, dict):
+            raise MmsecError(f"{path}: corrupt checkpoint metadata")
+        before, now = _flat_config(saved), _flat_config(self._config())
+        changed = [k for k in sorted(set(before) | set(now))
+                   if k not in RESUME_SAFE_KEYS and before.get(k) != now.get(k)]
+        if changed:
+            shown = ", ".join(f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+            more = f" (+{len(changed) - 6} more)" if len(changed) > 6 else ""
+            raise ResumeMismatch(
+                f"{self.dir}: cannot --resume with other settings than the run was started "
+                f"with: {shown}{more}; use the same settings, or another --out for a new run")
 
     # -- results -----------------------------------------------------------------------------
 
@@ -594,6 +646,8 @@ class Run:
         return config
 
     def _write_outputs(self) -> dict[str, Any]:
+        """config.yaml and report.md, then results.json: the status there ("completed") is
+        only on disk once everything it vouches for is."""
         import yaml
 
         self.finished = _utc_now()
@@ -603,12 +657,13 @@ class Run:
         curves = write_curves(self.dir)
         if curves is not None:
             images.insert(0, curves.relative_to(self.dir).as_posix())
-        results = self._write_results()
-        write_atomic(self.dir / REPORT_FILE, render_report(results, images, self.sections))
+        results = self.results()
         write_atomic(
             self.dir / CONFIG_FILE,
             yaml.safe_dump(self._config(), sort_keys=False, allow_unicode=True),
         )
+        write_atomic(self.dir / REPORT_FILE, render_report(results, images, self.sections))
+        write_json_atomic(self.dir / RESULTS_FILE, results)
         return results
 
     def finish(self, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -620,7 +675,12 @@ class Run:
         self.metrics.update(metrics or {})
         _flatten_metrics(self.metrics)  # fail before writing anything
         self.status = "completed"
-        results = self._write_outputs()
+        try:
+            results = self._write_outputs()
+        except BaseException:
+            self.status = "running"  # not completed: the context manager records the failure
+            self.finished = None
+            raise
         self.log.info("results: %s", self.dir / RESULTS_FILE)
         return results
 
@@ -628,14 +688,37 @@ class Run:
         """Record a failure (``status`` "failed", or "interrupted" on Ctrl-C) and write outputs."""
         self.status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         self.fields["error"] = f"{type(exc).__name__}: {exc}"
+        if isinstance(getattr(exc, "failure", None), dict):  # a plugin's, from the host
+            self.fields["failure"] = exc.failure
         try:
             _flatten_metrics(self.metrics)
         except TypeError:
             self.metrics = {}
-        results = self._write_outputs()
+        try:
+            results = self._write_outputs()
+        except OSError as write_error:  # a full disk: say "failed" where it still fits
+            self.log.error("could not write the outputs of the failed run: %s", write_error)
+            results = self.results()
+            with contextlib.suppress(OSError):
+                write_json_atomic(self.dir / RESULTS_FILE, results)
         self.log.error("run %s: %s", self.status, self.fields["error"], extra={"file_only": True})
         return results
 
+
+
+class ResumeMismatch(UsageError):
+    """``--resume`` with settings that differ from the checkpoint's (exit 2)."""
+
+
+def _flat_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"options": {"lr": 1}}`` -> ``{"options.lr": 1}`` (JSON values, for comparison)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = jsonable(value)
+    return flat
 
 
 def _fresh_dir(root: Path, kind: str, plugin: str | None) -> Path:

@@ -291,12 +291,11 @@ def test_captions_jsonl(tmp_path):
     _img(tmp_path / "imgs" / "0.png", colour=(255, 0, 0))
     _img(tmp_path / "imgs" / "1.png", colour=(0, 255, 0))
     _img(tmp_path / "imgs" / "2.png", colour=(0, 0, 255))
-    sub = tmp_path / "meta"
-    sub.mkdir()
+    sub = tmp_path  # image paths are relative to the file's folder, inside it
     rows = [
-        {"image": "../imgs/0.png", "captions": ["red one", "a red image"], "label": 2},
-        {"image": str(tmp_path / "imgs" / "1.png"), "caption": "green one", "label": 0},
-        {"image": "../imgs/2.png", "captions": ["blue"], "split": "train"},
+        {"image": "imgs/0.png", "captions": ["red one", "a red image"], "label": 2},
+        {"image": "./imgs/1.png", "caption": "green one", "label": 0},
+        {"image": "imgs/2.png", "captions": ["blue"], "split": "train"},
     ]
     f = sub / "caps.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
@@ -308,8 +307,8 @@ def test_captions_jsonl(tmp_path):
     assert len(train) == 3 and train.labels().tolist() == [2, 0, -1]
     # string labels -> sorted class names
     rows2 = [
-        {"image": "../imgs/0.png", "caption": "r", "label": "red"},
-        {"image": "../imgs/1.png", "caption": "g", "label": "green"},
+        {"image": "imgs/0.png", "caption": "r", "label": "red"},
+        {"image": "imgs/1.png", "caption": "g", "label": "green"},
     ]
     f2 = sub / "named.jsonl"
     f2.write_text("\n".join(json.dumps(r) for r in rows2))

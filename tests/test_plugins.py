@@ -332,8 +332,9 @@ def test_raising_register_commands_is_named_and_the_group_still_works():
         ("import mmsec_no_such_dependency\n", "ModuleNotFoundError"),
         ("def broken(:\n", "SyntaxError"),
         ("raise RuntimeError('needs a GPU at import time')\n", "needs a GPU at import time"),
+        ("import sys\nsys.exit(3)\n", "SystemExit (called sys.exit(3))"),
     ],
-    ids=["missing-dependency", "syntax-error", "raises"],
+    ids=["missing-dependency", "syntax-error", "raises", "sys-exit"],
 )
 def test_import_failure_is_named_with_its_distribution(site, caplog, source, expected):
     broken = site.module("broken", source)
@@ -397,6 +398,14 @@ def test_wrong_hook_argument_names_are_rejected():
                       plugin("fine", register_defenses=registers(DummyDefense)))
     assert reg.plugins["wrong"].error.startswith("PluginValidationError: ")
     assert reg.attacks == {} and reg.defense("dummy-defense") is DummyDefense
+
+
+def test_sys_exit_in_a_hook_is_named_and_others_keep_working():
+    reg = registry_of(plugin("quitter", register_attacks=raises(SystemExit(3))),
+                      plugin("calm", register_defenses=registers(DummyDefense)))
+    error = reg.plugins["quitter"].error
+    assert error.startswith("register_attacks raised SystemExit (called sys.exit(3))")
+    assert reg.defense("dummy-defense") is DummyDefense
 
 
 def test_raising_hook_is_named_and_others_keep_working(caplog):

@@ -32,6 +32,15 @@ _SPLIT_ALIASES = {"test": ("test", "val"), "val": ("val", "test"), "train": ("tr
 _TRAIN_PERCENT = 80  # hashed split of a flat image folder: 80 % train, 20 % test (and val)
 
 
+#: images with more pixels than this are left out (counted, or refused under --strict)
+#: before they are decoded: a 95 KB PNG can hold 10,000 x 10,000 pixels (Pillow's own guard
+#: only warns below 2 x its MAX_IMAGE_PIXELS, ~179 M)
+MAX_PIXELS = 40_000_000
+#: without an explicit image size, images come out at their most common size, scaled to at
+#: most this side (a folder of phone photos stays small in a batch)
+MAX_DEFAULT_SIDE = 512
+
+
 @dataclass(frozen=True)
 class _FileInfo:
     """What one scan of an image file found: its byte hash and size, or why it is unusable."""
@@ -52,20 +61,31 @@ def _scan_file(path: Path) -> _FileInfo:
 
     try:
         st = path.stat()
-    except OSError as exc:
-        return _FileInfo(error=f"cannot read: {exc.strerror or exc}")
+    except (OSError, ValueError) as exc:  # ValueError: a NUL in the name
+        return _FileInfo(error=f"cannot read: {getattr(exc, 'strerror', None) or exc}")
     memo_key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if memo_key in _SCAN_MEMO:
         return _SCAN_MEMO[memo_key]
     try:
         data = path.read_bytes()
         with Image.open(io.BytesIO(data)) as im:
-            im.load()  # decodes everything: truncated files and bad chunks fail here
-            info = _FileInfo(sha1=hashlib.sha1(data).hexdigest(), size=im.size)
+            pixels = im.size[0] * im.size[1]
+            if pixels > MAX_PIXELS or min(im.size) < 1:
+                info = _FileInfo(error=f"image too large to decode: {im.size[0]} x "
+                                       f"{im.size[1]} pixels (limit {MAX_PIXELS:,})"
+                                 if pixels else "image has no pixels")
+            else:
+                im.load()  # decodes everything: truncated files and bad chunks fail here
+                info = _FileInfo(sha1=hashlib.sha1(data).hexdigest(), size=im.size)
     except Exception as exc:  # any decoder failure means "corrupt"
-        info = _FileInfo(error=f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+        info = _FileInfo(error=_reason(exc))
     _SCAN_MEMO[memo_key] = info
     return info
+
+
+def _reason(exc: BaseException) -> str:
+    """``Type: message``, or the type alone (``MemoryError`` has no message)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _scan_files(paths: Sequence[Path], source: str, strict: bool) -> list[_FileInfo]:
@@ -98,11 +118,25 @@ def _decode_image(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as im:
         im = ImageOps.exif_transpose(im)
+        if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+            return _wide_to_rgb(im)
         if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             im = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             im.alpha_composite(rgba)
         return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+def _wide_to_rgb(im) -> np.ndarray:
+    """16-bit (``I;16*``, ``I``) and float (``F``) single-channel images scaled to uint8 RGB:
+    Pillow's ``convert("RGB")`` clips them at 255, which turns a 16-bit photo white."""
+    values = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        top = 1.0 if values.size and float(np.nanmax(values)) <= 1.0 else 255.0
+    else:  # 16-bit data (Pillow opens 16-bit grey PNGs as I;16 or I)
+        top = 65535.0
+    grey = np.clip(np.nan_to_num(values) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -114,14 +148,24 @@ def _resize(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.array(Image.fromarray(arr).resize(size, Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
+def _common_size(sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The most common (W, H), scaled down to :data:`MAX_DEFAULT_SIDE`: one odd file (a 1x1
+    icon, a 10,000-pixel scan) sorted first no longer sets the size of every image."""
+    from collections import Counter
+
+    (width, height), _ = Counter(sizes).most_common(1)[0]
+    scale = min(1.0, MAX_DEFAULT_SIDE / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 class FileImageDataset(ImageDataset):
     """Images read lazily from files, with labels and optional real captions.
 
     Every file is read and fully decoded once when the dataset is built (in a thread pool,
     memoised per path/size/mtime for the process), so corrupt or truncated images are left out
     before ``len()`` is fixed; ``load(i)`` reads and decodes the file again, so memory stays
-    small. Images come out at ``image_size`` (square) when given, else at the size of the first
-    image so that batches collate. ``key(i)`` is the SHA-1 of the file bytes (mixed with the
+    small. Images come out at ``image_size`` (square) when given, else at the most common size
+    (at most ``MAX_DEFAULT_SIDE`` a side) so that batches collate; each is resized on its own. ``key(i)`` is the SHA-1 of the file bytes (mixed with the
     output size when the image is resized, as resizing changes the pixels).
     """
 
@@ -163,7 +207,7 @@ class FileImageDataset(ImageDataset):
         if image_size:
             self.size: tuple[int, int] = (int(image_size), int(image_size))
         else:
-            self.size = self._infos[0].size
+            self.size = _common_size([info.size for info in self._infos])
         self._keys: dict[int, str] = {}
 
     def __len__(self) -> int:
@@ -173,8 +217,9 @@ class FileImageDataset(ImageDataset):
         path = self.files[i]
         try:
             arr = _decode_image(path.read_bytes())
-        except Exception as exc:  # the file changed since the scan
-            raise MmsecError(f"{self.source}: cannot decode image {path}: {exc}") from exc
+        except Exception as exc:  # the file changed since the scan, or memory ran out
+            raise MmsecError(f"{self.source}: cannot decode image {path}: "
+                             f"{_reason(exc)}") from exc
         arr = _resize(arr, self.size)
         img = torch.from_numpy(arr).permute(2, 0, 1).float().div_(255)
         return img, int(self._labels[i])
@@ -215,11 +260,35 @@ def _existing_path(source: str, arg: str | None, what: str) -> Path:
     return path
 
 
-def _image_files(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, sorted; hidden files and folders left out)."""
+def _loops_back(link: str, root: str) -> bool:
+    """A symlinked folder that points at ``root``, above it or inside it: following it would
+    walk files twice (a loop, or the same class twice under another label)."""
+    real = os.path.realpath(link)
+    return real == root or root.startswith(real.rstrip(os.sep) + os.sep) \
+        or real.startswith(root + os.sep)
+
+
+def _image_files(folder: Path, top: Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively, sorted; hidden files and folders left out).
+
+    Symlinked folders are followed when they lead outside ``top`` (default ``folder``), and
+    never into a folder already walked."""
+    real_root = os.path.realpath(top or folder)
     out = []
+    seen: set[tuple[int, int]] = set()  # (device, inode) of every folder walked
     for root, dirs, names in os.walk(folder, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # a symlink loop, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not (
+            os.path.islink(os.path.join(root, d))
+            and _loops_back(os.path.join(root, d), real_root)))
         out.extend(
             Path(root, n) for n in sorted(names)
             if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_EXTENSIONS
@@ -236,7 +305,9 @@ def _class_dirs(folder: Path) -> list[str]:
 def _hash_split(relpath: str) -> str:
     """``"train"`` or ``"test"`` for a file, from a hash of its relative path (stable as files
     are added or removed)."""
-    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8")).digest()[:8], "big")
+    # surrogateescape: a file name that is not UTF-8 hashes as its own bytes
+    h = int.from_bytes(hashlib.sha1(relpath.encode("utf-8", "surrogateescape")).digest()[:8],
+                       "big")
     return "train" if h % 100 < _TRAIN_PERCENT else "test"
 
 
@@ -267,7 +338,7 @@ def imagefolder(
     labels: list[int] = []
     if classes:
         for label, cls in enumerate(classes):
-            found = _image_files(folder / cls) if (folder / cls).is_dir() else []
+            found = _image_files(folder / cls, root) if (folder / cls).is_dir() else []
             files += found
             labels += [label] * len(found)
     else:
@@ -299,16 +370,30 @@ def _read_caption_rows(path: Path) -> list[dict]:
         raise MmsecError(f"captions: {path} is not UTF-8 text: {exc}") from exc
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(io.StringIO(text))
-        fields = [f.strip() for f in reader.fieldnames or []]
+        try:
+            fields = [f.strip() for f in reader.fieldnames or []]
+        except csv.Error as exc:
+            raise UsageError(f"captions: {path}:{reader.line_num}: bad CSV: {exc}") from None
         if "image" not in fields:
             raise MmsecError(f"captions: {path} has no 'image' column (columns: {fields})")
-        return [{(k or "").strip(): v for k, v in row.items()} for row in reader]
+        rows = []
+        for row in _csv_rows(reader, path):
+            if None in row:  # more fields than the header: an unquoted comma in a caption?
+                raise UsageError(f"captions: {path}:{reader.line_num}: {len(fields)} columns "
+                                 f"in the header, more in this row (quote a caption that "
+                                 "holds commas)")
+            rows.append({(k or "").strip(): v for k, v in row.items()})
+        return rows
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             rows = json.loads(stripped)
         except json.JSONDecodeError as exc:
-            raise MmsecError(f"captions: {path}: invalid JSON: {exc}") from exc
+            raise MmsecError(f"captions: {path}: invalid JSON: {exc}") from None
+        except RecursionError:
+            raise MmsecError(f"captions: {path}: invalid JSON: nested too deeply") from None
+        if not isinstance(rows, list):
+            raise MmsecError(f"captions: {path}: expected a JSON list of objects")
         lines = list(enumerate(rows, 1))
     else:
         lines = []
@@ -317,11 +402,25 @@ def _read_caption_rows(path: Path) -> list[dict]:
                 try:
                     lines.append((n, json.loads(line)))
                 except json.JSONDecodeError as exc:
-                    raise MmsecError(f"captions: {path}:{n}: invalid JSON: {exc.msg}") from exc
+                    raise MmsecError(f"captions: {path}:{n}: invalid JSON: {exc.msg}") from None
+                except RecursionError:
+                    raise MmsecError(f"captions: {path}:{n}: invalid JSON: nested too "
+                                     "deeply") from None
     for n, row in lines:
         if not isinstance(row, dict) or "image" not in row:
             raise MmsecError(f"captions: {path}:{n}: expected an object with an 'image' field")
     return [row for _, row in lines]
+
+
+def _csv_rows(reader, path: Path):
+    """The reader's rows; a CSV syntax error (a NUL byte, a field over the csv module's
+    size limit) is one error naming the line."""
+    import csv
+
+    try:
+        yield from reader
+    except csv.Error as exc:
+        raise UsageError(f"captions: {path}:{reader.line_num}: bad CSV: {exc}") from None
 
 
 def _row_captions(row: dict) -> list[str]:
@@ -349,6 +448,19 @@ def _is_int(v: object) -> bool:
     return True
 
 
+def _confined(folder: Path, image: object, where: str) -> Path:
+    """``folder / image`` for a relative path that stays inside ``folder``: a captions file
+    from elsewhere must not make mmsec open ``/etc/...`` or ``../../secret``."""
+    text = str(image if image is not None else "").strip()
+    relative = Path(text)
+    if not text or relative.is_absolute() or ".." in relative.parts or text.startswith("~") \
+            or "\x00" in text:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise MmsecError(f"{where}: image path {shown!r} must be relative to the file's "
+                         "folder, without '..'")
+    return folder / relative
+
+
 def captions_file(
     arg: str | None, *, split: str = "test", seed: int = 0, image_size: int | None = None,
     strict: bool = False, **_: object,
@@ -358,7 +470,8 @@ def captions_file(
     CSV columns: ``image``, ``caption`` (or ``captions``, several separated by ``|``),
     optional ``label`` and ``split``. JSONL: one object a line with ``image``, ``captions``
     (list) or ``caption`` (str), optional ``label`` (int or class name) and ``split``.
-    Image paths are relative to the file's folder. String labels become class names (sorted
+    Image paths are relative to the file's folder and must stay inside it (absolute paths
+    and ``..`` are refused). A CSV row with more fields than the header is refused. String labels become class names (sorted
     over the whole file); integer labels stay as they are. With a ``split`` field only the
     matching rows are used (rows without one belong to every split); else the whole file.
     """
@@ -391,10 +504,14 @@ def captions_file(
             raise MmsecError(f"{source}: no rows for split {split!r} in {path} "
                              f"(splits there: {', '.join(sorted(present))})")
     folder = path.parent
-    files = [folder / str(rows[i]["image"]).strip() for i in chosen]
+    files = [_confined(folder, rows[i]["image"], f"{source}: {path}") for i in chosen]
+    caps = [_row_captions(rows[i]) for i in chosen]
+    if not any(caps) and all(labels[i] < 0 for i in chosen):
+        raise MmsecError(f"{source}: {path} has neither captions nor labels (every "
+                         "'caption' is empty): nothing to measure")
     ds = FileImageDataset(
         files, [labels[i] for i in chosen], name=f"captions:{path.name}", split=split,
-        classnames=classnames, captions=[_row_captions(rows[i]) for i in chosen],
+        classnames=classnames, captions=caps,
         image_size=image_size, strict=strict, source=f"{source} {path}",
     )
     ds.shared_splits = not any(splits)

@@ -9,8 +9,10 @@ box-filtered down for anti-aliasing, and memoised on disk in the cache folder.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -178,7 +180,11 @@ def procedural_shapes(
     size = int(image_size or size)
     if split not in PROCEDURAL_SIZES:
         raise UsageError(f"dataset procedural: unknown split {split!r} (train, test, val)")
-    n = n or PROCEDURAL_SIZES[split]
+    total = PROCEDURAL_SIZES[split]
+    if n is not None and n > total:
+        # the split has a fixed size: more would render images that are not in it
+        log.warning("procedural[%s] has %d items; using all %d, not %d", split, total, total, n)
+    n = min(n or total, total)
     arr = _procedural_array(seed, split, n, size)
     attrs = [attributes(seed, split, i) for i in range(n)]
     return TensorDataset(
@@ -189,19 +195,49 @@ def procedural_shapes(
     )
 
 
+#: the memo file: ``<sha256 hex of the rest>\n`` then the ``.npy`` bytes
+_MEMO_DIGEST_LEN = 64
+
+
+def _read_memo(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The memoised array, or None (missing, or corrupt: then with a warning)."""
+    try:
+        blob = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("cannot read the procedural data memo %s (%s); rendering again", path, exc)
+        return None
+    digest, payload = blob[:_MEMO_DIGEST_LEN], blob[_MEMO_DIGEST_LEN + 1:]
+    why = ""
+    if blob[_MEMO_DIGEST_LEN:_MEMO_DIGEST_LEN + 1] != b"\n" or \
+            hashlib.sha256(payload).hexdigest().encode() != digest:
+        why = "checksum mismatch"
+    else:
+        try:
+            arr = np.load(io.BytesIO(payload), allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            why = f"unreadable ({exc})"
+        else:
+            if arr.shape == shape and arr.dtype == np.uint8:
+                return arr
+            why = f"holds {arr.dtype} {arr.shape}, expected uint8 {shape}"
+    log.warning("procedural data memo %s is corrupt (%s); rendering it again", path, why)
+    return None
+
+
 def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
-    """Rendered uint8 images ``[n, size, size, 3]``, memoised on disk in the cache dir."""
+    """Rendered uint8 images ``[n, size, size, 3]``, memoised on disk in the cache dir.
+
+    The memo carries the SHA-256 of its content: flipped or truncated bytes are found, warned
+    about and rendered again (never silently fed to a model)."""
     from ..cache import default_cache_dir
     from ..io import write_atomic
 
-    path = default_cache_dir() / "procedural" / f"v1-s{seed}-{split}-{n}-{size}px.npy"
-    if path.exists():
-        try:
-            arr = np.load(path, allow_pickle=False)
-            if arr.shape == (n, size, size, 3) and arr.dtype == np.uint8:
-                return arr
-        except (OSError, ValueError):
-            log.warning("ignoring unreadable procedural cache file %s", path)
+    path = default_cache_dir() / "procedural" / f"v2-s{seed}-{split}-{n}-{size}px.npy"
+    arr = _read_memo(path, (n, size, size, 3))
+    if arr is not None:
+        return arr
     from ..progress import progress
 
     arr = np.stack([
@@ -213,8 +249,8 @@ def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        write_atomic(path, buf.getvalue())
+        payload = buf.getvalue()
+        write_atomic(path, hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload)
     except OSError as exc:  # a read-only cache only costs time
         log.warning("could not memoise procedural data at %s: %s", path, exc)
     return arr
-

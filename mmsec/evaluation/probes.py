@@ -26,19 +26,31 @@ def zero_shot(view: View) -> dict[str, Any] | None:
     t = view.task
     if t.head is None:
         return None
+    # items without a label (-1: a captions row that leaves the optional label out) are not
+    # scored; the figures then say over how many items they are
+    labelled = t.labels >= 0
+    if not bool(labelled.any()):
+        return None
+    partial = not bool(labelled.all())
+    labels = t.labels[labelled]
     logits = metrics.zero_shot_logits(view.images, t.head)
     pred = logits.argmax(1)
     view.memo["zero_shot_pred"] = pred
-    out: dict[str, Any] = {"top1": metrics.clean_accuracy(pred, t.labels)}
+    n = int(labelled.sum())
+
+    def counted(value: float) -> Any:
+        return (value, n) if partial else value
+
+    out: dict[str, Any] = {"top1": counted(metrics.clean_accuracy(pred[labelled], labels))}
     if view.is_clean:
-        out["top5"] = metrics.topk_accuracy(logits, t.labels, ks=(5,))["top5"]
+        out["top5"] = counted(metrics.topk_accuracy(logits[labelled], labels, ks=(5,))["top5"])
         return out
     clean_pred = view.clean.memo.get("zero_shot_pred")
     if clean_pred is None:
         clean_pred = metrics.zero_shot_logits(view.clean.images, t.head).argmax(1)
-    out["fooling_rate"] = metrics.fooling_rate(clean_pred, pred)
+    out["fooling_rate"] = counted(metrics.fooling_rate(clean_pred[labelled], pred[labelled]))
     if t.target is not None:
-        out["asr"] = metrics.attack_success_rate(pred, t.labels, t.target)
+        out["asr"] = metrics.attack_success_rate(pred[labelled], labels, t.target)
     return out
 
 
@@ -76,7 +88,7 @@ def retrieval(view: View) -> dict[str, Any] | None:
     captions); under a condition, ``retrieval_asr_*``: share of queries correct before and
     not after (C-PGC's attack success rate)."""
     t = view.task
-    if view.texts is None or t.caption_owner is None:
+    if view.texts is None or t.caption_owner is None or t.caption_owner.numel() == 0:
         return None
     hits = metrics.retrieval_hits(view.images, view.texts, t.caption_owner)
     view.memo["retrieval_hits"] = hits
@@ -100,7 +112,8 @@ def retrieval(view: View) -> dict[str, Any] | None:
 def geometry(view: View) -> dict[str, Any] | None:
     """Alignment of image-caption pairs and uniformity of the images (Wang & Isola), clean."""
     t = view.task
-    if not view.is_clean or view.texts is None or t.caption_owner is None:
+    if not view.is_clean or view.texts is None or t.caption_owner is None \
+            or t.caption_owner.numel() == 0 or view.images.shape[0] < 2:
         return None
     return {"alignment": metrics.alignment(view.images[t.caption_owner], view.texts),
             "uniformity": metrics.uniformity(view.images)}

@@ -41,6 +41,7 @@ from ..errors import MmsecError, UsageError
 from ..io import safetensors_bytes, write_atomic
 from ..model import (
     CHECKPOINT_FORMAT,
+    ZOO_DIR,
     ClipModel,
     TrimmedTokenizer,
     build_zoo_model,
@@ -214,6 +215,9 @@ def zoo_out_dir(name: str, out_dir: Path | None) -> Path:
     """Where ``train_zoo`` writes: ``out_dir``, else the first user zoo folder. A shipped
     name needs ``out_dir`` (``zoo:NAME`` always means the shipped model)."""
     if out_dir is not None:
+        if name in shipped_zoo_names() and Path(out_dir).resolve() == ZOO_DIR.resolve():
+            raise UsageError(f"--out-dir {out_dir} is where the shipped zoo:{name} is "
+                             "installed; write the reproduction to another folder")
         return Path(out_dir)
     if name in shipped_zoo_names():
         raise UsageError(f"zoo:{name} ships with mmsec and keeps that name; write the "

@@ -95,6 +95,7 @@ def trigger_from_artifact(artifact: Artifact | str) -> Trigger:
 
 
 class Backdoor(Attack):
+    changes_model = True  # fit returns the implanted model
     """Poison a share of image-caption pairs with a trigger and fine-tune CLIP on them.
 
     Shapes: images ``[B, 3, H, W]`` in [0, 1] at any size; ``apply`` returns the same shape.

@@ -80,6 +80,7 @@ SCALES = (0.5, 0.75, 1.25, 1.5)
 
 class CPGC(Attack):
     """Universal image perturbation + universal word substitution (C-PGC)."""
+    changes_model = False
 
     name = "cpgc"
     description = ("universal image perturbation and word substitution from contrastive "

@@ -26,6 +26,7 @@ mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 class PGD(Attack):
     """Untargeted L-inf PGD against the zero-shot head built from the data's class names."""
+    changes_model = False
 
     name = "pgd"
     description = "per-image L-inf PGD on the zero-shot cross-entropy (robust accuracy)"

@@ -45,6 +45,7 @@ def _torchattacks():
 
 
 class _TorchAttacks(Attack):
+    changes_model = False
     universal = False
 
     def fit(self, model, data, run):

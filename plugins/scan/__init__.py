@@ -20,8 +20,9 @@ official code scores within a batch) through the shared vector index, and writes
     each score, and ``poisoned`` when the ground truth is known);
 ``artifacts/cleaned.csv``
     a captions file without the top ``flag_rate`` share: for a captions file, its own rows
-    minus the flagged ones (other splits kept); for other data, the kept training images as
-    PNGs (``artifacts/cleaned/``) with their captions, split ``train``.
+    minus the flagged ones (other splits kept), each image linked into ``artifacts/cleaned/``
+    (a captions file names images inside its folder); for other data, the kept training
+    images as PNGs (``artifacts/cleaned/``) with their captions, split ``train``.
 
 Defaults, measured on the backdoor plugin's default implants of both zoo models (10-20%
 poisoned; README): the paper's neighbourhood scores assume the poison is rare. Here the
@@ -215,11 +216,17 @@ class Scan(DataDefense):
             rows = _read_rows(Path(source))
             base = Path(source).parent
             kept = []
-            for r in rows:
+            links = run.artifacts_dir / "cleaned"
+            links.mkdir(parents=True, exist_ok=True)
+            for n, r in enumerate(rows):
                 img = (base / str(r["image"]).strip()).resolve()
                 if str(img) in gone and str(r.get("split") or "train").strip() == "train":
                     continue
-                kept.append({**r, "image": str(img)})
+                # a captions file names images inside its own folder (mmsec refuses absolute
+                # and ../ paths), so each kept image is linked (copied where links fail) there
+                name = f"cleaned/{n:07d}{img.suffix}"
+                _link_or_copy(img, run.artifacts_dir / name)
+                kept.append({**r, "image": name})
             fields = list(dict.fromkeys(k for r in rows for k in r))
         else:
             from mmsec import load_images
@@ -280,6 +287,20 @@ def _read_rows(path: Path) -> list[dict]:
     if text.lstrip().startswith("["):
         return list(json.loads(text))
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _link_or_copy(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` as a symlink; a copy where links are not allowed."""
+    import os
+    import shutil
+
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    try:
+        os.symlink(target, link)
+    except OSError:
+        if target.is_file():
+            shutil.copy2(target, link)
 
 
 def _save_png(image: torch.Tensor, path: Path) -> None:

@@ -43,6 +43,7 @@ mmsec_api_version = 2  # the mmsec plugin API this plugin is written for
 
 class UAP(Attack):
     """A universal L-inf perturbation trained on the image tower alone."""
+    changes_model = False
 
     name = "uap"
     description = "universal L-inf perturbation, SGD over the training images (UAP)"
