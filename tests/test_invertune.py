@@ -112,15 +112,17 @@ def _ca_asr(model, x, y, spec, head, target):
 
 @pytest.fixture(scope="module")
 def short_implants(registry, tmp_path_factory):
-    """A short SIG implant on the embedded model (3,000 training items, 150 steps; the
-    backdoor plugin's defaults otherwise)."""
+    """A short SIG implant on the embedded model (3,000 training items, 250 steps; the
+    backdoor plugin's defaults otherwise). At 150 steps (ASR 98%) the target's lead (1.68,
+    L-inf probe) tied with a natural patch sink's ("ring", 1.74) and was missed; at 250 it
+    leads 2.27 to 1.58."""
     model = load_model(device="cpu")
     train = load_dataset("procedural", split="train", n=3000)
     out = {}
     for trigger in ("sig",):
         tmp = tmp_path_factory.mktemp(trigger)
         attack = Backdoor({"trigger": trigger, "epochs": 3, "batch_size": 128,
-                           "train_items": 3000, "eval_items": 0, "min_steps": 150})
+                           "train_items": 3000, "eval_items": 0, "min_steps": 250})
         with run_context(tmp / "implant", registry, "attack", "backdoor") as run:
             fitted = attack.fit(model, train, run)
         fitted.artifact.save(tmp / "backdoor.safetensors")
