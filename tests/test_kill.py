@@ -26,6 +26,9 @@ from mmsec.testing import invoke
 # Run.save_checkpoint sending the process `MMSEC_TEST_SIGNAL` after its N-th save.
 CHILD = """
 import os, signal, sys
+# Ctrl-C as in a terminal: a background CI job inherits SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler (the signal would be dropped, not tested)
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from mmsec import runs
 from mmsec.data import procedural
 procedural.PROCEDURAL_SIZES["train"] = 512
