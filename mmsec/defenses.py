@@ -118,19 +118,26 @@ class InputTransform(Defense):
                         meta=dict(meta or {}))
 
 
-class TransformedModel(ClipModel):
-    """``base`` (sharing its weights) behind an :class:`InputTransform` defense."""
+class _SharedWeightsModel(ClipModel):
+    """A wrapper of ``base``: the same CLIP module, tokenizer, preprocessing and mode."""
 
-    def __init__(self, base: ClipModel, defense: InputTransform,
-                 artifact: Artifact | None = None) -> None:
+    def __init__(self, base: ClipModel) -> None:
         training = base.clip.training
         super().__init__(base.clip, base.tokenizer, name=base.name, pretrained=base.pretrained,
                          image_size=base.image_size, mean=base.mean.flatten().tolist(),
                          std=base.std.flatten().tolist(), precision=base.precision,
                          info=base.info)
         self.mean, self.std = base.mean, base.std
-        self.defense, self.artifact = defense, artifact
         self.clip.train(training)
+
+
+class TransformedModel(_SharedWeightsModel):
+    """``base`` (sharing its weights) behind an :class:`InputTransform` defense."""
+
+    def __init__(self, base: ClipModel, defense: InputTransform,
+                 artifact: Artifact | None = None) -> None:
+        super().__init__(base)
+        self.defense, self.artifact = defense, artifact
 
     def forward(self, images: torch.Tensor | None = None, texts: Any = None, **kwargs: Any):
         if images is not None:
@@ -163,7 +170,7 @@ class TransformedModel(ClipModel):
         return f"{super().describe()} behind {self.defense.name}"
 
 
-class AdaptedModel(ClipModel):
+class AdaptedModel(_SharedWeightsModel):
     """``base`` (sharing its frozen weights) with ``adapter`` on its image side: the
     embedding becomes ``adapter(embedding, {layer: pooled activation})`` for the image
     ``layers`` (``ClipModel.layer_names("image")``); ``spec`` is the JSON the defense's
@@ -171,15 +178,9 @@ class AdaptedModel(ClipModel):
 
     def __init__(self, base: ClipModel, defense: Defense, adapter: nn.Module,
                  layers: list[str], spec: Mapping[str, Any]) -> None:
-        training = base.clip.training
-        super().__init__(base.clip, base.tokenizer, name=base.name, pretrained=base.pretrained,
-                         image_size=base.image_size, mean=base.mean.flatten().tolist(),
-                         std=base.std.flatten().tolist(), precision=base.precision,
-                         info=base.info)
-        self.mean, self.std = base.mean, base.std
+        super().__init__(base)
         self.defense, self.adapter = defense, adapter.to(base.device)
         self.adapter_layers, self.adapter_spec = list(layers), dict(spec)
-        self.clip.train(training)
 
     def _image_forward(self, pix: torch.Tensor, names: list[str]):
         from .model import _pool

@@ -449,5 +449,5 @@ def _to(layers: Mapping[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
 
 
 def _top1(emb: torch.Tensor, head: torch.Tensor, y: torch.Tensor) -> float:
-    pred = (F.normalize(emb.float(), dim=-1) @ head.cpu().float().t()).argmax(1)
-    return float((pred == y.cpu()).float().mean())
+    pred = metrics.zero_shot_logits(emb.float().cpu(), head.cpu()).argmax(1)
+    return metrics.clean_accuracy(pred, y.cpu())

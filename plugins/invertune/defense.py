@@ -247,13 +247,7 @@ class InverTune(Defense):
         run.metrics["target_rank_1_rise"] = float(rise[ranked[0]])
         run.metrics["simulator_fooling_rate"] = float((clean != adv).float().mean())
         run.set("identified_target_name", names[ranked[0]])
-        known = ""
-        if true_target is not None:
-            rank = ranked.index(true_target) + 1
-            run.metrics["true_target_rank"] = float(rank)
-            run.metrics["target_identified"] = float(rank == 1)
-            known = (f" The real target (from the trigger spec the run knows; not used by the "
-                     f"defense) is `{names[true_target]}`, ranked {rank}.")
+        known = _record_true_target(run, ranked, true_target, names)
         table = "\n".join(f"| {r['rank']} | {r['name']} | {r['share_clean']:.3f} | "
                           f"{r['share_adv']:.3f} | {r['rise']:+.3f} |" for r in rows)
         run.add_section("InverTune 1: target identification", (
@@ -324,13 +318,7 @@ class InverTune(Defense):
         run.metrics["target_confident"] = float(confident)
         run.set("identified_target_name", names[top])
         run.set("identified_family", fam_of[top])
-        known = ""
-        if true_target is not None:
-            rank = ranked.index(true_target) + 1
-            run.metrics["true_target_rank"] = float(rank)
-            run.metrics["target_identified"] = float(rank == 1)
-            known = (f" The real target (from the trigger spec the run knows; not used by the "
-                     f"defense) is `{names[true_target]}`, ranked {rank}.")
+        known = _record_true_target(run, ranked, true_target, names)
         if not confident:
             run.log.warning("invertune: no class stands out (lead %.2f < %.2f): the model may "
                             "have no backdoor, or one of a family not probed; tuning the "
@@ -703,3 +691,16 @@ def _real_trigger_preview(run, h: int, w: int) -> torch.Tensor | None:
         return None
     attack = run.registry.attack_for(spec)
     return attack.perturb(spec, torch.full((1, 3, h, w), 0.5))[0].clamp(0, 1)
+
+
+def _record_true_target(run, ranked: list[int], true_target: int | None, names) -> str:
+    """Where the real target (known to the run from its trigger spec, never used by the
+    defense) ranked: metrics ``true_target_rank`` / ``target_identified`` and a sentence for
+    the report ("" when the run does not know it)."""
+    if true_target is None:
+        return ""
+    rank = ranked.index(true_target) + 1
+    run.metrics["true_target_rank"] = float(rank)
+    run.metrics["target_identified"] = float(rank == 1)
+    return (f" The real target (from the trigger spec the run knows; not used by the "
+            f"defense) is `{names[true_target]}`, ranked {rank}.")
