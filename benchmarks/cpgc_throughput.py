@@ -1,84 +1,58 @@
-"""C-PGC training throughput as a ratio to the raw image forward+backward rate of the same
-model, both measured in this one process.
+"""C-PGC's training loop as a share of the raw image forward+backward rate of the same model,
+both measured in this one process.
 
-    python benchmarks/cpgc_throughput.py [-m MODEL] [--pretrained TAG|FILE] [--device auto]
-        [--batch-size 4] [--steps 60] [--threads 1] [--no-text]
+    python benchmarks/cpgc_throughput.py [--device cpu|cuda] [--model M] [--batch 4]
+        [--steps 40] [--text true] [--repeat 2]
 
-The raw rate pushes batches of ``batch_size x (1 + scales)`` images (what one C-PGC step
-perturbs) through the image tower and back to the pixels. The C-PGC rate counts the same
-images per step of the real training loop (both generators, the clean passes, the text
-side, the loop's bookkeeping). Prints one JSON object; the ratio is what to compare across
-machines (C-PGC's step also encodes each view clean and runs the text generator, so 1.0 is
-out of reach: measured 0.59 on ViT-B/32 at batch 4; 0.26 on the 1.9 M-parameter zoo model,
-where the generator's fixed cost per step dominates, 0.43 there at batch 32).
+One C-PGC step perturbs ``batch x (1 + scales)`` images (the original and each rescaled
+view); the ceiling pushes batches of that many images through ``encode_image`` and back to
+the pixels. Figure: the same images per second through the real training loop of
+``CPGC.fit`` (both generators, the clean passes, the text side, the loop's bookkeeping).
+1.0 is out of reach by construction: a step also encodes each view clean and runs the text
+generator (measured before: 0.59 on ViT-B/32 at batch 4; 0.26 on the 1.9 M-parameter zoo
+model, where the generators' fixed cost per step dominates, 0.43 there at batch 32).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import tempfile
-import time
+import _common as C
+
+SIZES = {
+    "cpu": {"model": None, "batch": 4, "steps": 40, "text": True, "image_size": None,
+            "repeat": 2},
+    "cuda": {"model": "ViT-B-32", "batch": 16, "steps": 40, "text": True, "image_size": 224,
+             "repeat": 2},
+}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("-m", "--model", default=None)
-    ap.add_argument("--pretrained", default=None)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--no-text", action="store_true")
-    args = ap.parse_args()
-    os.environ.setdefault("MMSEC_PROGRESS", "0")
-    import torch
+def main(argv=None) -> dict:
+    args = C.parse(C.parser(__doc__, SIZES), argv)
+    device = C.setup(args)
     from mmsec_plugins.cpgc import CPGC
+    from mmsec_plugins.cpgc import attack as module
 
-    from mmsec import load_model
-    from mmsec.data import procedural_shapes
-    from mmsec.testing import make_registry, run_context
+    from mmsec import load_images
 
-    torch.set_num_threads(args.threads)
-    model = load_model(args.model, args.pretrained, device=args.device)
-    device = model.device
-    scales = CPGC().options.scales
-    per_step = args.batch_size * (1 + len(scales))
-    size = model.image_size
+    model = C.load_model(args, device)
+    per_step = args.batch * (1 + len(CPGC().options.scales))
+    n = args.batch * args.steps
+    data = C.shapes("train", n, args.image_size)
+    x = load_images(data, [i % n for i in range(per_step)])[0].to(device)
+    ceil = C.ceilings(model, x, to="pixels", iters=1, repeat=args.repeat)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+    def fit():
+        with C.timed_train(module, device) as t, C.run_context(device, seed=args.seed) as run:
+            CPGC({"epochs": 1, "train_items": n, "batch_size": args.batch,
+                  "text": args.text}).fit(model, data, run)
+        return t
 
-    x = torch.rand(per_step, 3, size, size, device=device)
-    for _ in range(3):  # warm-up
-        model.encode_image(x.requires_grad_(True)).sum().backward()
-    sync()
-    t0 = time.perf_counter()
-    iters = max(5, args.steps // 4)
-    for _ in range(iters):
-        xi = x.detach().requires_grad_(True)
-        model.encode_image(xi).sum().backward()
-    sync()
-    raw = iters * per_step / (time.perf_counter() - t0)
-
-    n = args.batch_size * args.steps
-    data = procedural_shapes(split="train", n=n)
-    attack = CPGC({"epochs": 1, "train_items": n, "batch_size": args.batch_size,
-                   "text": not args.no_text})
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ["MMSEC_CACHE_DIR"] = os.path.join(tmp, "cache")
-        with run_context(os.path.join(tmp, "run"), plugin="cpgc",
-                         registry=make_registry(builtins=False)) as run:
-            attack.fit(model, data, run)
-            seconds = run.durations["cpgc_train"]
-    cpgc = args.steps * per_step / seconds
-    print(json.dumps({
-        "model": model.name, "device": str(device), "threads": args.threads,
-        "images_per_step": per_step, "raw_fwd_bwd_img_per_s": round(raw, 1),
-        "cpgc_img_per_s": round(cpgc, 1), "cpgc_steps_per_s": round(args.steps / seconds, 2),
-        "ratio_to_raw": round(cpgc / raw, 3), "text": not args.no_text}, indent=2))
+    best, runs = C.best_loop(fit, args.repeat)
+    rate = best.total_steps * per_step / best.seconds
+    return C.emit("cpgc", args, model.name, figure=rate, ceiling=ceil["fp32"], unit="img/s",
+                  ceiling_kind="encode_image fwd+bwd to the pixels, batch x (1 + scales)",
+                  ceilings_=ceil, batch=args.batch, images_per_step=per_step,
+                  steps=best.total_steps, steps_per_s=round(best.total_steps / best.seconds, 3),
+                  text=args.text, loop_s_per_run=runs)
 
 
 if __name__ == "__main__":
