@@ -40,7 +40,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from mmsec import __version__
 from mmsec.errors import MmsecError, UsageError
 
-from .io import jsonable, load_tensors, safetensors_bytes, write_atomic, write_json_atomic
+from .io import (
+    jsonable,
+    load_tensors,
+    safetensors_bytes,
+    write_atomic,
+    write_json_atomic,
+    write_safetensors_atomic,
+)
 from .plots import write_curves
 from .progress import progress
 from .report import read_results, render_report
@@ -533,7 +540,7 @@ class Run:
             "plugin": self.plugin or "",
             "mmsec_version": __version__,
         }
-        path = write_atomic(self.checkpoint_path(slot), safetensors_bytes(tensors, header))
+        path = write_safetensors_atomic(self.checkpoint_path(slot), tensors, header)
         self.log.debug("checkpoint %s saved: %s", slot, json.dumps(dict(meta))[:200])
         return path
 
