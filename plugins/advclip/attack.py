@@ -16,8 +16,10 @@ encoder ``f`` and text encoder ``g`` with a discriminator ``D``:
 NCE is InfoNCE (``tau = 0.1``) with the other samples of the batch as
 negatives; ``CE_topo`` compares fuzzy neighbourhood graphs (``topology.py``):
 over the batch (``topology: batch``, the official code) or over each sample's
-``k`` nearest neighbours in the whole training set, from the shared embedding
-cache and its FAISS index (``topology: knn``, the default). ``t`` is a paired
+``k`` nearest neighbours among the training images, from the shared embedding
+cache and its FAISS index (``topology: knn``, the default; ``knn_pool: split``
+searches the whole train split instead, which encodes every image of it: 20x
+the training sample at the defaults). ``t`` is a paired
 caption; data with class labels only gets captions from its prompt templates.
 The paper's defaults: 3 % patch area near the bottom-right corner (14 px margin
 at 224), a = 10, b = 5, c = 5, w = 1, 20 epochs, batch 16, Adam 2e-4 (0.5, 0.999).
@@ -110,6 +112,10 @@ class AdvCLIP(Attack):
             "knn", description="neighbourhood graph: k nearest neighbours over the whole "
                                "training set (cache + FAISS) or the mini-batch (official)")
         k: int = Field(10, ge=1, description="neighbours per sample for topology: knn")
+        knn_pool: Literal["sample", "split"] = Field(
+            "sample", description="where topology: knn looks for neighbours: the training "
+                                  "sample (train_items) or the whole train split (encodes "
+                                  "all of it)")
         z_dim: int = Field(100, ge=1, description="size of G's fixed noise z")
         g_width: int = Field(32, ge=4, description="G's narrowest layer (its first has 4x)")
         d_width: int = Field(16, ge=4, description="D's first layer (doubles per stage)")
@@ -130,7 +136,8 @@ class AdvCLIP(Attack):
         train_idx = _sample_indices(n_total, o.train_items, run.rng("train_items"))
         val_idx = _held_out(n_total, train_idx, o.val_items, run.rng("val_items"))
         topology = o.topology
-        k = min(o.k, n_total - 1)
+        pool_n = len(train_idx) if o.knn_pool == "sample" else n_total
+        k = min(o.k, pool_n - 1)
         if topology == "knn" and k < 1:
             run.log.warning("%s: one training image only, using the batch topology", self.name)
             topology = "batch"
@@ -139,7 +146,7 @@ class AdvCLIP(Attack):
                      100 * side * side / (height * width), o.position, topology)
 
         with run.timer("advclip_prepare"):
-            consts = _Constants(model, data, train_idx, topology, k, run)
+            consts = _Constants(model, data, train_idx, topology, k, run, o.knn_pool)
         if not consts.any_text:
             run.log.warning("%s: %s has neither captions nor class names: training without "
                             "the image-text terms (b, c)", self.name, data.describe())
@@ -189,6 +196,7 @@ class AdvCLIP(Attack):
             patch = G().detach().cpu()
         meta = {**placement_meta(o.area, o.position, o.margin, height, width),
                 "seed": int(run.seed), "topology": topology, "k": k if topology == "knn" else None,
+                "knn_pool": o.knn_pool if topology == "knn" else None,
                 "trained_on": data.describe(), "model": model.name,
                 "model_image_size": int(model.image_size), "steps": int(out.steps)}
         artifact = self.artifact({"patch": patch}, meta)
@@ -272,22 +280,28 @@ class AdvCLIP(Attack):
 class _Constants:
     """What stays fixed while G trains: clean embeddings, neighbours, caption embeddings.
 
-    Clean image embeddings come through the shared embedding cache (the whole train
-    split for ``knn``, whose neighbours are searched in a FAISS index over it; only the
-    training sample for ``batch``). The caption table covers the training items and their
-    neighbours; its texts are embedded through the cache too.
+    Clean image embeddings come through the shared embedding cache: the training sample's
+    only, unless ``knn`` searches the whole train split (``knn_pool: split``), whose
+    neighbours are then searched in a FAISS index over all of it. The caption table covers
+    the training items and their neighbours; its texts are embedded through the cache too.
     """
 
     def __init__(self, model, data, train_idx: torch.Tensor, topology: str, k: int,
-                 run) -> None:
+                 run, pool: str = "sample") -> None:
         self.topology, self.device, self.train_idx = topology, model.device, train_idx
         self.neighbours: torch.Tensor | None = None  # [N_train, k] indices into data
         if topology == "knn":
-            clean_all = encode_images(model, data, run.cache)
-            clean_train = clean_all[train_idx]
-            index = VectorIndex(clean_all, device=model.device)
-            self.neighbours = _neighbours(index, clean_train, train_idx, k)
-            self.clean_all = clean_all.to(self.device)
+            # the pool's items (indices into data) and their clean embeddings
+            items = train_idx if pool == "sample" else torch.arange(len(data))
+            clean_pool = encode_images(model, Subset(data, items.tolist()), run.cache) \
+                if pool == "sample" else encode_images(model, data, run.cache)
+            own = torch.arange(len(train_idx)) if pool == "sample" else train_idx
+            clean_train = clean_pool[own]
+            index = VectorIndex(clean_pool, device=model.device)
+            at = _neighbours(index, clean_train, own, k)  # [N_train, k] positions in the pool
+            self.neighbours = items[at]
+            self._pool_pos = at
+            self.clean_pool = clean_pool.to(self.device)
             needed = torch.cat([train_idx, self.neighbours.flatten()]).unique()
         else:
             clean_train = encode_images(model, Subset(data, train_idx.tolist()), run.cache)
@@ -313,7 +327,7 @@ class _Constants:
         nb = self.neighbours[rows]
         text = self.captions.mean_embedding(nb, self.text_emb) if self.any_text \
             else torch.zeros(*nb.shape, 1)
-        return self.clean_all[nb.to(self.device)], text.to(self.device)
+        return self.clean_pool[self._pool_pos[rows].to(self.device)], text.to(self.device)
 
 
 class _Step:

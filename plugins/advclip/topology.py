@@ -12,7 +12,8 @@ Two ways to choose the neighbours:
 - ``batch_graph`` (``topology: batch``, the official code): every other sample
   of the mini-batch, ``[B, B]``.
 - ``knn_rows`` (``topology: knn``): each sample's ``k`` nearest neighbours over
-  the whole training set, looked up once in the embedding index, ``[B, k]``.
+  the training images (the sample, or the whole train split with ``knn_pool:
+  split``), looked up once in the embedding index, ``[B, k]``.
   The neighbours' clean image embeddings and caption embeddings are constants;
   a patched image's row holds its similarities to its clean neighbours, i.e.
   where the patched image now sits in the clean neighbourhood structure that
