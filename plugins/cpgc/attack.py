@@ -319,27 +319,30 @@ class _Loss:
         self.g_img, self.g_txt, self.size = g_img, g_txt, size
 
     def __call__(self, batch, ctx) -> dict[str, torch.Tensor]:
-        rows, targets, seed = batch
+        rows_cpu, targets, seed = batch
         p, device = self.prep, self.prep.device
-        rows, targets = rows.to(device), targets.to(device)
+        # the indexing into host tables uses the batch's own CPU rows: reading them back
+        # from the device would wait for the GPU several times a step
+        rows_cpu = rows_cpu.cpu()
+        rows, targets = rows_cpu.to(device), targets.to(device)
         gen = torch.Generator().manual_seed(seed)
-        items = p.items[rows.cpu()]
+        items = p.items[rows_cpu]
         x = load_images(self.data, items)[0].to(device)
         out: dict[str, torch.Tensor] = {}
         if self.g_txt is not None:
-            out.update(self._text(rows, targets))
-        out.update(self._image(x, rows, targets, gen))
+            out.update(self._text(rows, rows_cpu, targets))
+        out.update(self._image(x, rows, rows_cpu, targets, gen))
         return out
 
     # image side
-    def _image(self, x, rows, targets, gen) -> dict[str, torch.Tensor]:
+    def _image(self, x, rows, rows_cpu, targets, gen) -> dict[str, torch.Tensor]:
         o, p = self.o, self.prep
         cond = p.item_text[rows]
         delta = self.g_img(cond, o.eps)
         delta = resize_perturbation(delta, *x.shape[-2:], o.eps)
         views = _scaled_views(x, o.eps, o.scales, o.noise_std, gen)
         ids, count = p.captions.ids, p.captions.count
-        own = [ids[int(r), :int(count[int(r)])] for r in rows.cpu()]
+        own = [ids[int(r), :int(count[int(r)])] for r in rows_cpu]
         tgt = self._image_targets(rows, targets)
         loss = x.new_zeros(())
         sse = x.new_zeros(())
@@ -361,20 +364,21 @@ class _Loss:
         return targets[sims.argmin(1)].tolist()
 
     # text side
-    def _text(self, rows, targets) -> dict[str, torch.Tensor]:
+    def _text(self, rows, rows_cpu, targets) -> dict[str, torch.Tensor]:
         o, p = self.o, self.prep
         ids, count = p.captions.ids, p.captions.count
-        caps = torch.cat([ids[int(r), :int(count[int(r)])] for r in rows.cpu()]).to(p.device)
+        caps_cpu = torch.cat([ids[int(r), :int(count[int(r)])] for r in rows_cpu])
         owner = torch.cat([torch.full((int(count[int(r)]),), i) for i, r in
-                           enumerate(rows.cpu())]).to(p.device)
-        keep = p.position[caps.cpu()] >= 0
+                           enumerate(rows_cpu)])
+        keep = p.position[caps_cpu] >= 0
         if not bool(keep.any()):
             return {}
-        caps, owner = caps[keep.to(p.device)], owner[keep.to(p.device)]
+        caps_cpu, owner = caps_cpu[keep], owner[keep].to(p.device)
+        caps = caps_cpu.to(p.device)
         e = self.g_txt(p.image_emb[rows], p.min_norm, p.max_norm)
         tokens = p.tokens[caps]
         emb = self.model.token_embedding(tokens).detach()
-        pos = p.position[caps.cpu()].to(p.device)
+        pos = p.position[caps_cpu].to(p.device)
         onehot = F.one_hot(pos, tokens.shape[1]).to(emb.dtype)[..., None]  # [M, L, 1]
         emb = emb * (1 - onehot) + onehot * e.to(emb.dtype)
         adv = self.model.encode_text(tokens, embeddings=emb)
