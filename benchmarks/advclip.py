@@ -1,8 +1,8 @@
 """AdvCLIP's training loop (G and D updates against the frozen victim) as a share of the
 victim's raw image forward+backward rate, both measured in this one process.
 
-    python benchmarks/advclip.py [--device cpu|cuda] [--model M] [--batch 16] [--items 256]
-        [--pool 2000] [--epochs 1] [--repeat 2]
+    python benchmarks/advclip.py [--device cpu|cuda] [--model M] [--batch 16] [--items 1024]
+        [--pool 4000] [--epochs 1] [--repeat 2]
 
 Runs ``AdvCLIP.fit`` (the plugin's real code; ``topology knn``, no held-out check) on
 ``--items`` training images drawn from a train split of ``--pool`` images; only the training
@@ -17,7 +17,7 @@ from __future__ import annotations
 import _common as C
 
 SIZES = {
-    "cpu": {"model": None, "batch": 16, "items": 256, "pool": 2000, "epochs": 1,
+    "cpu": {"model": None, "batch": 16, "items": 1024, "pool": 4000, "epochs": 1,
             "image_size": None, "repeat": 2},
     "cuda": {"model": "ViT-B-32", "batch": 64, "items": 1024, "pool": 4096, "epochs": 2,
              "image_size": 224, "repeat": 2},

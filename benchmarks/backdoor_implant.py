@@ -2,7 +2,7 @@
 of the raw forward+backward rate of the same model and batch, both measured in this process.
 
     python benchmarks/backdoor_implant.py [--device cpu|cuda] [--model M] [--batch 64]
-        [--items 512] [--epochs 1] [--trigger badnets] [--repeat 2]
+        [--items 2048] [--epochs 1] [--trigger badnets] [--repeat 2]
 
 Runs ``Backdoor.fit`` (the plugin's real code: poisoning, decoys, the shared contrastive
 step, ``mmsec.train``) with only the training loop on the clock (the per-epoch held-out
@@ -16,7 +16,7 @@ from __future__ import annotations
 import _common as C
 
 SIZES = {
-    "cpu": {"model": None, "batch": 64, "items": 512, "epochs": 1, "trigger": "badnets",
+    "cpu": {"model": None, "batch": 64, "items": 2048, "epochs": 1, "trigger": "badnets",
             "image_size": None, "repeat": 2},
     "cuda": {"model": "ViT-B-32", "batch": 128, "items": 2048, "epochs": 1,
              "trigger": "badnets", "image_size": 224, "repeat": 2},

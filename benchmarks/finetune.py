@@ -2,7 +2,7 @@
 allow, both measured in this one process.
 
     python benchmarks/finetune.py --method fare|tecoa [--device cpu|cuda] [--model M]
-        [--batch 32] [--steps 8] [--attack-steps 2] [--repeat 2]
+        [--batch 32] [--steps 24] [--attack-steps 2] [--repeat 2]
 
 Runs the defense's ``apply`` (the plugin's real code: a student copy, the inner PGD in fp32,
 ``mmsec.train`` at the run's precision, bf16 on CUDA) with only the training loop on the
@@ -18,7 +18,7 @@ from __future__ import annotations
 import _common as C
 
 SIZES = {
-    "cpu": {"method": "fare", "model": None, "batch": 32, "steps": 8, "attack_steps": 2,
+    "cpu": {"method": "fare", "model": None, "batch": 32, "steps": 24, "attack_steps": 2,
             "image_size": None, "repeat": 2},
     "cuda": {"method": "fare", "model": "ViT-B-32", "batch": 128, "steps": 10,
              "attack_steps": 2, "image_size": 224, "repeat": 2},

@@ -1,7 +1,7 @@
 """UAP's training loop as a share of the victim's raw image forward+backward rate, both
 measured in this one process.
 
-    python benchmarks/uap.py [--device cpu|cuda] [--model M] [--batch 64] [--items 512]
+    python benchmarks/uap.py [--device cpu|cuda] [--model M] [--batch 64] [--items 2048]
         [--epochs 1] [--repeat 2]
 
 Runs ``UAP.fit`` (the plugin's real code) with only its training loop on the clock.
@@ -14,7 +14,7 @@ from __future__ import annotations
 import _common as C
 
 SIZES = {
-    "cpu": {"model": None, "batch": 64, "items": 512, "epochs": 1, "image_size": None,
+    "cpu": {"model": None, "batch": 64, "items": 2048, "epochs": 1, "image_size": None,
             "repeat": 2},
     "cuda": {"model": "ViT-B-32", "batch": 128, "items": 2048, "epochs": 2,
              "image_size": 224, "repeat": 2},
