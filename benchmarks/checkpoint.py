@@ -9,7 +9,10 @@ with a checkpoint after each, and times each ``RunContext.save_checkpoint`` (ser
 atomic write) with the rise of the process's peak RSS during it (``/proc/self/clear_refs``;
 Linux). The reference is ``safetensors.torch.save_file`` of the same tensors in the same
 process. Figure: checkpoint MB per second; ceiling: the reference's MB per second; the
-peak memory of both is in ``details`` (``peak_mb`` and ``reference_peak_mb``).
+peak memory of both is in ``details`` (``peak_mb`` and ``reference_peak_mb``), and the
+whole cost as the loop pays it (its own copy of the weights included): four steps with a
+checkpoint after each against four without (``loop_seconds_per_checkpoint``,
+``loop_peak_mb_with_checkpoints`` / ``loop_peak_mb_without``).
 """
 
 from __future__ import annotations
@@ -81,6 +84,19 @@ def main(argv=None) -> dict:
                       steps=2, run=run, slot="bench", checkpoint_every=1)
                 del run.save_checkpoint
             torch.manual_seed(attempt)
+        # the whole checkpoint as the loop takes it (its copy of the weights included):
+        # the same loop with and without a checkpoint after every step
+        whole, saves = {}, [0]
+        for every in ("never", 1):
+            with C.run_context(device, seed=args.seed) as run:
+                def counted(*a, real=run.save_checkpoint, **k):
+                    saves[0] += 1
+                    return real(*a, **k)
+
+                run.save_checkpoint = counted
+                whole[every] = _measured(lambda run=run, every=every: train(
+                    step, lambda _e: [None], Optim(visual, kind="adamw", lr=1e-5), steps=4,
+                    run=run, slot="bench", checkpoint_every=every), device)
     # the mid-run checkpoints (the last one of each run also marks the stage done)
     mb = max(sizes)
     best = min(s for s, _ in ours)
@@ -91,7 +107,12 @@ def main(argv=None) -> dict:
                   reference_seconds=round(best_ref, 3),
                   peak_mb=round(max(p for _, p in ours), 1),
                   reference_peak_mb=round(max(p for _, p in ref), 1),
-                  checkpoints=len(ours))
+                  checkpoints=len(ours),
+                  loop_seconds_per_checkpoint=round(
+                      (whole[1][0] - whole["never"][0]) / max(1, saves[0]), 3),
+                  loop_checkpoints=saves[0],
+                  loop_peak_mb_with_checkpoints=round(whole[1][1], 1),
+                  loop_peak_mb_without=round(whole["never"][1], 1))
 
 
 if __name__ == "__main__":
