@@ -19,7 +19,7 @@ import _common as C
 SIZES = {
     "cpu": {"model": None, "batch": 16, "items": 1024, "pool": 4000, "epochs": 1,
             "image_size": None, "repeat": 2},
-    "cuda": {"model": "ViT-B-32", "batch": 64, "items": 1024, "pool": 4096, "epochs": 2,
+    "cuda": {"model": "ViT-B-32", "batch": 64, "items": 1024, "pool": 2048, "epochs": 2,
              "image_size": 224, "repeat": 2},
 }
 

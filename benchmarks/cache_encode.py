@@ -19,7 +19,7 @@ import _common as C
 
 SIZES = {
     "cpu": {"model": None, "items": 4096, "batch": 256, "image_size": None, "repeat": 2},
-    "cuda": {"model": "ViT-B-32", "items": 16384, "batch": 256, "image_size": 224,
+    "cuda": {"model": "ViT-B-32", "items": 4096, "batch": 256, "image_size": 224,
              "repeat": 2},
 }
 

@@ -19,9 +19,9 @@ python -c "import torch, open_clip; print(torch.__version__, torch.version.cuda,
 python -c "from mmsec.data import procedural_shapes; procedural_shapes(split='train')" \
     >> "$OUT/gpu.txt" 2>&1
 status=0
-timeout 330 python "$HERE/run_all.py" --device cuda --model ViT-B-32 --repeat 2 --timeout 100 \
+timeout 300 python "$HERE/run_all.py" --device cuda --model ViT-B-32 --repeat 2 --timeout 100 \
     --out "$OUT/vit-b-32" > "$OUT/table-vit-b-32.md" 2> "$OUT/log-vit-b-32.txt" || status=1
-timeout 150 python "$HERE/run_all.py" --device cuda --model ViT-B-16 --repeat 1 --timeout 60 \
+timeout 130 python "$HERE/run_all.py" --device cuda --model ViT-B-16 --repeat 1 --timeout 60 \
     --only advclip,uap,pgd_eval,fare,cache_encode --out "$OUT/vit-b-16" \
     > "$OUT/table-vit-b-16.md" 2> "$OUT/log-vit-b-16.txt" || status=1
 cat "$OUT"/table-*.md
