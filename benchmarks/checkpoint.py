@@ -10,8 +10,8 @@ atomic write) with the rise of the process's peak RSS during it (``/proc/self/cl
 Linux). The reference is ``safetensors.torch.save_file`` of the same tensors in the same
 process. Figure: checkpoint MB per second; ceiling: the reference's MB per second; the
 peak memory of both is in ``details`` (``peak_mb`` and ``reference_peak_mb``), and the
-whole cost as the loop pays it (its own copy of the weights included): four steps with a
-checkpoint after each against four without (``loop_seconds_per_checkpoint``,
+whole cost as the loop pays it (its own copy of the weights included): ``--steps`` steps
+with a checkpoint after each against as many without (``loop_seconds_per_checkpoint``,
 ``loop_peak_mb_with_checkpoints`` / ``loop_peak_mb_without``).
 """
 
@@ -25,8 +25,8 @@ from pathlib import Path
 import _common as C
 
 SIZES = {
-    "cpu": {"model": "ViT-B-32", "repeat": 2},
-    "cuda": {"model": "ViT-B-32", "repeat": 2},
+    "cpu": {"model": "ViT-B-32", "steps": 4, "repeat": 2},
+    "cuda": {"model": "ViT-B-32", "steps": 4, "repeat": 2},
 }
 
 
@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
 
                 run.save_checkpoint = counted
                 whole[every] = _measured(lambda run=run, every=every: train(
-                    step, lambda _e: [None], Optim(visual, kind="adamw", lr=1e-5), steps=4,
+                    step, lambda _e: [None], Optim(visual, kind="adamw", lr=1e-5),
+                    steps=args.steps,
                     run=run, slot="bench", checkpoint_every=every), device)
     # the mid-run checkpoints (the last one of each run also marks the stage done)
     mb = max(sizes)

@@ -52,7 +52,7 @@ TINY: dict[str, list[str]] = {
     "cache_encode": ["--items", "64", "--batch", "32"],
     "eval_warm": ["--limit", "32", "--knn-bank", "32"],
     "zoo_train": ["--steps", "2", "--batch", "16", "--items", "64"],
-    "checkpoint": ["--model", "zoo:shapes"],
+    "checkpoint": ["--model", "zoo:shapes", "--steps", "1"],
     "main_job": ["--option", "epochs=1,train_items=16,val_items=0,batch_size=8",
                  "--limit", "32"],
 }
