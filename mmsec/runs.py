@@ -41,6 +41,7 @@ from mmsec import __version__
 from mmsec.errors import MmsecError, UsageError
 
 from .io import (
+    TMP_SUFFIX,
     jsonable,
     load_tensors,
     safetensors_bytes,
@@ -365,6 +366,10 @@ class Run:
             )
         if holds_run:
             _check_same_run(directory, kind, plugin)
+            # temporary files of writes a kill cut short (never renamed into place)
+            for stale in directory.rglob(f".*{TMP_SUFFIX}"):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         directory.mkdir(parents=True, exist_ok=True)
         return holds_run
 
@@ -540,6 +545,9 @@ class Run:
             "plugin": self.plugin or "",
             "mmsec_version": __version__,
         }
+        # every step logged so far is on disk before the checkpoint that vouches for it
+        # (after a kill, the resumed run logs only the steps after the checkpoint)
+        self.scalars.flush()
         path = write_safetensors_atomic(self.checkpoint_path(slot), tensors, header)
         self.log.debug("checkpoint %s saved: %s", slot, json.dumps(dict(meta))[:200])
         return path

@@ -15,6 +15,7 @@ last value of a repeated step), and flushed at every epoch.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -91,6 +92,12 @@ class ScalarLogger:
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (kept open)
+            # a killed process may have left half a line: end it, or the first line this
+            # (resumed) run appends would be glued to it and lost
+            with contextlib.suppress(OSError), open(self.path, "rb") as tail:
+                size = tail.seek(0, os.SEEK_END)
+                if size and tail.seek(size - 1) is not None and tail.read(1) != b"\n":
+                    self._file.write("\n")
         return self._file
 
     def _tensorboard(self):
