@@ -17,11 +17,20 @@
     across shards are harmless (same content, same model -> same vector). ``compact`` merges a
     namespace's shards into one under an ``fcntl.flock`` lock.
 
+    Lookups read lazily: a shard also holds ``row_sums`` (uint64 [n], a checksum of each
+    vector) and, in its metadata, the sha256 of its keys alone. A process reads a shard's
+    header and keys once (checking their sha256, the file size and the tensor shapes) and
+    then only the vectors a lookup asks for, each checked against its row sum; so fetching
+    2,000 vectors from a cache of a million reads ~70 MB of keys, not every vector. A row that
+    fails its check drops its shard (with a warning) and its items are encoded again. Shards
+    written before row sums existed are read whole and checked with the sha256, as before.
+
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -141,8 +150,29 @@ def _checksum(keys_blob: bytes, vectors: np.ndarray) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=8)
+def _row_weights(dim: int) -> np.ndarray:
+    """``dim`` odd 64-bit constants (splitmix64 of 1..dim), the weights of :func:`_row_sums`."""
+    z = np.arange(1, dim + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return (z ^ (z >> np.uint64(31))) | np.uint64(1)
+
+
+def _row_sums(vectors: np.ndarray) -> np.ndarray:
+    """A checksum per row of float32 [n, D]: uint64 [n], the bit patterns weighted by odd
+    constants and summed modulo 2**64, so a change of any one value always changes it."""
+    words = np.ascontiguousarray(vectors, dtype=np.float32).view(np.uint32)
+    weights = _row_weights(words.shape[1])
+    out = np.empty(words.shape[0], dtype=np.uint64)
+    for start in range(0, words.shape[0], 4096):  # bounded temporaries
+        block = words[start : start + 4096].astype(np.uint64)
+        out[start : start + 4096] = (block * weights).sum(axis=1, dtype=np.uint64)
+    return out
+
+
 def _encode_shard(fingerprint: str, kind: str, keys: list[str], vectors: np.ndarray) -> bytes:
-    """Serialise one shard (safetensors bytes) with its checksum in the metadata."""
+    """Serialise one shard (safetensors bytes) with its checksums in the metadata."""
     keys_blob = "\n".join(keys).encode("utf-8")
     meta = {
         "format": FORMAT,
@@ -151,8 +181,10 @@ def _encode_shard(fingerprint: str, kind: str, keys: list[str], vectors: np.ndar
         "count": str(len(keys)),
         "dim": str(vectors.shape[1]),
         "sha256": _checksum(keys_blob, vectors),
+        "keys_sha256": hashlib.sha256(keys_blob).hexdigest(),
     }
-    tensors = {"vectors": vectors, "keys": np.frombuffer(keys_blob, dtype=np.uint8).copy()}
+    tensors = {"vectors": vectors, "keys": np.frombuffer(keys_blob, dtype=np.uint8).copy(),
+               "row_sums": _row_sums(vectors)}
     return _st_save(tensors, metadata=meta)
 
 
@@ -253,41 +285,217 @@ class CacheStats:
         return asdict(self)
 
 
+class _KeyIndex:
+    """Key -> row of one shard.
+
+    Keys of one width (content hashes: the usual case) are kept as one uint8 matrix with a
+    sorted 64-bit hash per row (no Python object per key); others in a dict.
+    """
+
+    def __init__(self, blob: bytes, n: int) -> None:
+        self.n, self.width, self.table = n, 0, None
+        self.mat = self.sorted = self.order = None
+        if n == 0:
+            return
+        width = (len(blob) + 1) // n - 1
+        if width > 0 and (width + 1) * n == len(blob) + 1:
+            rows = np.frombuffer(blob + b"\n", dtype=np.uint8).reshape(n, width + 1)
+            if bool((rows[:, width] == 10).all()):
+                self.width, self.mat = width, np.ascontiguousarray(rows[:, :width])
+                hashes = _key_hashes(self.mat)
+                self.order = np.argsort(hashes, kind="stable")
+                self.sorted = hashes[self.order]
+                return
+        self.table = {k: i for i, k in enumerate(blob.decode("utf-8").split("\n"))}
+
+    @classmethod
+    def of(cls, keys: list[str]) -> _KeyIndex:
+        return cls("\n".join(keys).encode("utf-8"), len(keys))
+
+    def find(self, keys: list[bytes]) -> np.ndarray:
+        """Row of each key (UTF-8 bytes) in this shard, -1 where absent: int64 [len(keys)]."""
+        out = np.full(len(keys), -1, dtype=np.int64)
+        if self.table is not None:
+            for i, k in enumerate(keys):
+                out[i] = self.table.get(k.decode("utf-8"), -1)
+            return out
+        if self.mat is None:
+            return out
+        pos = np.array([i for i, k in enumerate(keys) if len(k) == self.width], dtype=np.int64)
+        if not len(pos):
+            return out
+        query = np.frombuffer(b"".join(keys[i] for i in pos), dtype=np.uint8)
+        query = query.reshape(len(pos), self.width)
+        hashes = _key_hashes(query)
+        at = np.minimum(np.searchsorted(self.sorted, hashes), self.n - 1)
+        same = self.sorted[at] == hashes
+        rows = self.order[at]
+        equal = same & (self.mat[rows] == query).all(axis=1)
+        out[pos[equal]] = rows[equal]
+        for j in np.nonzero(same & ~equal)[0]:  # a hash collision: the next equal hashes
+            k = int(at[j]) + 1
+            while k < self.n and self.sorted[k] == hashes[j]:
+                row = int(self.order[k])
+                if np.array_equal(self.mat[row], query[j]):
+                    out[pos[j]] = row
+                    break
+                k += 1
+        return out
+
+
+def _key_hashes(mat: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of uint8 [n, L] (FNV-style over 8-byte words): uint64 [n]."""
+    n, width = mat.shape
+    words = -(-width // 8)
+    if width != words * 8:
+        padded = np.zeros((n, words * 8), dtype=np.uint8)
+        padded[:, :width] = mat
+        mat = padded
+    cols = np.ascontiguousarray(mat).view(np.uint64)
+    h = np.full(n, 0xCBF29CE484222325, dtype=np.uint64)
+    for j in range(words):
+        h = (h ^ cols[:, j]) * np.uint64(0x100000001B3)
+        h ^= h >> np.uint64(29)
+    return h
+
+
+class _Shard:
+    """One shard of a namespace view: its key index, and its vectors in memory (written by
+    this process, a shard of the old format, or one read whole) or read row by row from its
+    open file, each row checked against its row sum."""
+
+    def __init__(self, name: str | None, index: _KeyIndex, dim: int, *,
+                 vectors: np.ndarray | None = None, file: Any = None, offset: int = 0,
+                 sums: np.ndarray | None = None) -> None:
+        self.name, self.index, self.dim = name, index, dim
+        self.vectors, self.file, self.offset, self.sums = vectors, file, offset, sums
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        """The vectors of rows ``idx`` (int64 [m]): float32 [m, D]. Raises ``ValueError``
+        when a row fails its check (the file was damaged after it was opened)."""
+        if self.vectors is not None:
+            return self.vectors[idx]
+        uniq = np.unique(idx)
+        if len(uniq) * 8 > self.index.n:  # most of the shard: one read, kept in memory
+            block = self._read(0, self.index.n)
+            if not np.array_equal(_row_sums(block), self.sums):
+                raise ValueError("row checksum mismatch")
+            self.vectors = block
+            self.close()
+            return block[idx]
+        got = np.empty((len(uniq), self.dim), dtype=np.float32)
+        for j, row in enumerate(uniq):
+            got[j] = self._read(int(row), 1)[0]
+        if not np.array_equal(_row_sums(got), self.sums[uniq]):
+            raise ValueError("row checksum mismatch")
+        return got[np.searchsorted(uniq, idx)]
+
+    def _read(self, start: int, count: int) -> np.ndarray:
+        size = count * self.dim * 4
+        self.file.seek(self.offset + start * self.dim * 4)
+        data = self.file.read(size)
+        if len(data) != size:
+            raise ValueError("shard is shorter than its header says")
+        return np.frombuffer(bytearray(data), dtype=np.float32).reshape(count, self.dim)
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
+
 @dataclass
 class _Namespace:
-    """In-memory view of one namespace: every valid shard loaded so far, merged."""
+    """In-memory view of one namespace: the valid shards read so far (first one wins)."""
 
     dim: int | None = None
     loaded: set[str] = field(default_factory=set)
     bad: set[str] = field(default_factory=set)
-    rows: dict[str, int] = field(default_factory=dict)
-    blocks: list[np.ndarray] = field(default_factory=list)
-    _matrix: np.ndarray | None = None
-    _matrix_rows: int = 0
+    shards: list[_Shard] = field(default_factory=list)
 
-    def add(self, keys: list[str], vectors: np.ndarray) -> None:
-        """Add the rows whose keys are new (first occurrence wins); vectors are float32 [n, D]."""
-        base = len(self.rows)
-        kept: list[int] = []
-        for i, k in enumerate(keys):
-            if k not in self.rows:
-                self.rows[k] = base + len(kept)
-                kept.append(i)
-        if not kept:
-            return
-        self.blocks.append(vectors if len(kept) == len(keys) else vectors[kept])
-        if self.dim is None:
-            self.dim = int(vectors.shape[1])
+    def add(self, shard: _Shard) -> None:
+        self.shards.append(shard)
+        if self.dim is None and shard.index.n:
+            self.dim = shard.dim
 
-    def matrix(self) -> np.ndarray:
-        """All cached rows as one float32 [n_items, D] array (concatenated lazily)."""
-        total = len(self.rows)
-        if self._matrix is None or self._matrix_rows != total:
-            if len(self.blocks) > 1:
-                self.blocks = [np.concatenate(self.blocks, axis=0)]
-            self._matrix = self.blocks[0] if self.blocks else np.zeros((0, self.dim or 0), "f4")
-            self._matrix_rows = total
-        return self._matrix
+    def drop(self, shard: _Shard) -> None:
+        self.shards.remove(shard)
+        shard.close()
+
+    def find(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(shard position, row) of each key: int64 [N] twice; shard -1 where not cached."""
+        which = np.full(len(keys), -1, dtype=np.int64)
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        todo = np.arange(len(keys))
+        encoded = [k.encode("utf-8") for k in keys]
+        for s, shard in enumerate(self.shards):
+            if not len(todo):
+                break
+            got = shard.index.find([encoded[i] for i in todo])
+            hit = got >= 0
+            which[todo[hit]] = s
+            rows[todo[hit]] = got[hit]
+            todo = todo[~hit]
+        return which, rows
+
+
+def _open_shard(path: Path, name: str, fingerprint: str, kind: str) -> _Shard:
+    """Open one shard for lookups: header, keys and row sums read and checked; vectors left
+    on disk. A shard without row sums is read whole and checked with its sha256. Raises
+    ``FileNotFoundError``, or ``ValueError`` for anything inconsistent."""
+    f = open(path, "rb")  # noqa: SIM115 (kept open by the _Shard)
+    try:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short")
+        (n_header,) = struct.unpack("<Q", head)
+        size = os.fstat(f.fileno()).st_size
+        if n_header > size - 8:
+            raise ValueError("header length exceeds file size")
+        header = json.loads(f.read(n_header).decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        meta = header.get("__metadata__") or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        if meta.get("fingerprint") != fingerprint or meta.get("kind") != kind:
+            raise ValueError("shard belongs to another namespace")
+        if "keys_sha256" not in meta or "row_sums" not in header:  # an older shard
+            f.seek(0)
+            keys, vectors = _decode_shard(f.read(), fingerprint, kind)
+            f.close()
+            return _Shard(name, _KeyIndex.of(keys), int(vectors.shape[1]), vectors=vectors)
+        n, dim = int(meta["count"]), int(meta["dim"])
+        spec = {"vectors": ("F32", [n, dim]), "row_sums": ("U64", [n]), "keys": ("U8", None)}
+        ends = [0]
+        for tensor, (dtype, shape) in spec.items():
+            entry = header.get(tensor)
+            if not isinstance(entry, dict) or entry.get("dtype") != dtype or (
+                    shape is not None and entry.get("shape") != shape):
+                raise ValueError(f"malformed tensor {tensor!r}")
+            ends.append(int(entry["data_offsets"][1]))
+        base = 8 + n_header
+        if size != base + max(ends):
+            raise ValueError("file size does not match its header")
+
+        def read(tensor: str) -> bytes:
+            begin, stop = (int(x) for x in header[tensor]["data_offsets"])
+            f.seek(base + begin)
+            return f.read(stop - begin)
+
+        blob = read("keys")
+        if hashlib.sha256(blob).hexdigest() != meta["keys_sha256"]:
+            raise ValueError("keys checksum mismatch")
+        index = _KeyIndex(blob, n)
+        if index.n and (index.table is not None and len(index.table) != n):
+            raise ValueError("key count does not match vector count")
+        sums = np.frombuffer(read("row_sums"), dtype="<u8").astype(np.uint64)
+        offset = base + int(header["vectors"]["data_offsets"][0])
+        return _Shard(name, index, dim, file=f, offset=offset, sums=sums)
+    except BaseException:
+        f.close()
+        raise
 
 
 class EmbeddingCache:
@@ -372,24 +580,55 @@ class EmbeddingCache:
                 if name in view.loaded or name in view.bad:
                     continue
                 try:
-                    keys, vectors = self._load_shard(ns_dir / name, fingerprint, kind)
+                    shard = _open_shard(ns_dir / name, name, fingerprint, kind)
                 except FileNotFoundError:
                     vanished = True  # compacted away meanwhile: its rows are in a newer shard
                     continue
-                except (ValueError, OSError) as exc:
-                    self._mark_bad(view, ns_dir / name, str(exc))
+                except (ValueError, OSError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                    self._mark_bad(view, ns_dir / name, str(exc) or type(exc).__name__)
                     continue
-                if view.dim is not None and vectors.shape[0] and vectors.shape[1] != view.dim:
-                    self._mark_bad(view, ns_dir / name, f"dimension {vectors.shape[1]}")
+                if view.dim is not None and shard.index.n and shard.dim != view.dim:
+                    shard.close()
+                    self._mark_bad(view, ns_dir / name, f"dimension {shard.dim}")
                     continue
                 view.loaded.add(name)
-                if vectors.shape[0]:
-                    view.add(keys, vectors)
+                if shard.index.n:
+                    view.add(shard)
+                else:
+                    shard.close()
             if not vanished:
                 break
-        # names compacted away need not be remembered; their rows stay valid in memory
+        # names compacted away need not be remembered; their shards stay open (and valid)
         view.loaded.intersection_update(names)
         return view
+
+    def _gather(self, fingerprint: str, kind: str, keys: list[str]
+                ) -> tuple[np.ndarray | None, np.ndarray]:
+        """The vectors of the cached ``keys`` (float32 [n_found, D], in key order) and a
+        found mask; a shard found damaged on the way is dropped and the lookup redone."""
+        while True:
+            view = self._refresh(fingerprint, kind)
+            which, rows = view.find(keys)
+            found = which >= 0
+            if not found.any():
+                return None, found
+            out = np.empty((int(found.sum()), view.dim or 0), dtype=np.float32)
+            which, rows = which[found], rows[found]
+            damaged = None
+            for s in np.unique(which):
+                shard = view.shards[int(s)]
+                at = np.nonzero(which == s)[0]
+                try:
+                    out[at] = shard.rows(rows[at])
+                except (ValueError, OSError) as exc:
+                    damaged = (shard, str(exc) or type(exc).__name__)
+                    break
+            if damaged is None:
+                return out, found
+            shard, reason = damaged
+            view.drop(shard)
+            self._mark_bad(view, self.namespace_dir(fingerprint, kind) / str(shard.name),
+                           reason)
 
     def _mark_bad(self, view: _Namespace, path: Path, reason: str) -> None:
         """Remember a corrupt shard so it is skipped (and warned about) once per process."""
@@ -409,16 +648,12 @@ class EmbeddingCache:
         """
         keys = _check_keys(keys)
         with self._lock:
-            view = self._refresh(fingerprint, kind)
-            rows = [view.rows.get(k, -1) for k in keys]
-            found = [r >= 0 for r in rows]
-            n_found = sum(found)
+            vectors, mask = self._gather(fingerprint, kind, keys)
+            found = mask.tolist()
+            n_found = int(mask.sum())
             self.stats.hits += n_found
             self.stats.misses += len(keys) - n_found
-            if n_found == 0:
-                return None, found
-            sel = np.fromiter((r for r in rows if r >= 0), dtype=np.int64, count=n_found)
-            return torch.from_numpy(view.matrix()[sel]), found
+            return (torch.from_numpy(vectors) if vectors is not None else None), found
 
     def lookup(self, fingerprint: str, kind: str, keys: Sequence[str]) -> dict[str, torch.Tensor]:
         """Return ``{key: vector [D]}`` for the keys that are cached (missing keys are absent)."""
@@ -430,8 +665,7 @@ class EmbeddingCache:
         """Return, per key, whether it is cached (does not touch ``stats``)."""
         keys = _check_keys(keys)
         with self._lock:
-            view = self._refresh(fingerprint, kind)
-            return [k in view.rows for k in keys]
+            return (self._refresh(fingerprint, kind).find(keys)[0] >= 0).tolist()
 
     def dim(self, fingerprint: str, kind: str) -> int | None:
         """Embedding dimension of a namespace, or None when it is empty."""
@@ -463,10 +697,11 @@ class EmbeddingCache:
                     f"vectors have dimension {arr.shape[1]} but namespace {fingerprint}/{kind} "
                     f"holds dimension {view.dim}"
                 )
+            cached = view.find(keys)[0] >= 0
             seen: set[str] = set()
             fresh: list[int] = []
             for i, k in enumerate(keys):
-                if k not in view.rows and k not in seen:
+                if not cached[i] and k not in seen:
                     seen.add(k)
                     fresh.append(i)
             if not fresh:
@@ -480,10 +715,11 @@ class EmbeddingCache:
                     logger.warning("could not write to the embedding cache %s (%s); continuing "
                                 "without caching", self.root, exc.strerror or exc)
                 self._write_failed = True
-                view.add(new_keys, new_vecs)  # still found again in this process
+                # still found again in this process
+                view.add(_Shard(None, _KeyIndex.of(new_keys), arr.shape[1], vectors=new_vecs))
                 return None
             view.loaded.add(path.name)
-            view.add(new_keys, new_vecs)
+            view.add(_Shard(path.name, _KeyIndex.of(new_keys), arr.shape[1], vectors=new_vecs))
             self.stats.written += len(new_keys)
             if self.max_shards and len(self._shard_names(path.parent)) > self.max_shards:
                 self.compact(fingerprint, kind, blocking=False)
@@ -663,7 +899,10 @@ class EmbeddingCache:
         """Compact one namespace; the caller holds its lock."""
         self._remove_stale_tmp(ns_dir)
         names = self._shard_names(ns_dir)
-        merged = _Namespace()
+        merged_rows: dict[str, int] = {}
+        merged_keys: list[str] = []
+        blocks: list[np.ndarray] = []
+        dim: int | None = None
         used: list[str] = []
         bad: list[str] = []
         for name in names:
@@ -675,17 +914,22 @@ class EmbeddingCache:
                 logger.warning("removing corrupt embedding cache shard %s (%s)", ns_dir / name, exc)
                 bad.append(name)
                 continue
-            if merged.dim is not None and vectors.shape[0] and vectors.shape[1] != merged.dim:
+            if dim is not None and vectors.shape[0] and vectors.shape[1] != dim:
                 bad.append(name)
                 continue
             used.append(name)
             if vectors.shape[0]:
-                merged.add(keys, vectors)
+                dim = int(vectors.shape[1])
+                kept = [i for i, k in enumerate(keys) if k not in merged_rows]
+                for i in kept:
+                    merged_rows[keys[i]] = len(merged_rows)
+                    merged_keys.append(keys[i])
+                blocks.append(vectors[kept])
         if len(used) <= 1 and not bad:
             return 0
         if len(used) > 1:
-            keys_sorted = sorted(merged.rows, key=merged.rows.__getitem__)
-            new = self._write_shard(fingerprint, kind, keys_sorted, merged.matrix())
+            matrix = np.concatenate(blocks) if blocks else np.zeros((0, dim or 0), np.float32)
+            new = self._write_shard(fingerprint, kind, merged_keys, matrix)
             with self._lock:
                 view = self._views.get((fingerprint, kind))
                 if view is not None:

@@ -252,6 +252,47 @@ def test_corrupt_shard_ignored_and_reencoded(
     assert torch.equal(got, torch.from_numpy(vectors_of(keys)))
 
 
+def test_lookup_reads_and_checks_only_the_rows_it_needs(
+    cache: EmbeddingCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = [key_of(i) for i in range(40)]
+    path = cache.put(FP, "image", keys, vectors_of(keys))
+    flip_tensor_byte(path, "vectors", 30 * 4 * DIM + 5)  # row 30 only
+    fresh = EmbeddingCache(cache.root)
+    with caplog.at_level(logging.WARNING, logger="mmsec.cache"):
+        got, found = fresh.get(FP, "image", keys[:3])  # rows 0-2: row 30 is never read
+        assert all(found) and torch.equal(got, torch.from_numpy(vectors_of(keys[:3])))
+        assert fresh.stats.corrupt_shards == 0 and not caplog.text
+        calls: list[list[int]] = []
+        out = fresh.encode(FP, "image", keys[28:32], make_encoder(keys[28:32], calls),
+                           progress=False)
+    # row 30 fails its check: the shard is dropped, its rows encoded again, with a warning
+    assert torch.equal(out, torch.from_numpy(vectors_of(keys[28:32])))
+    assert sorted(i for c in calls for i in c) == [0, 1, 2, 3]
+    assert fresh.stats.corrupt_shards == 1 and "corrupt" in caplog.text
+    assert fresh.contains(FP, "image", keys[:3]) == [False] * 3  # the whole shard is gone
+
+
+def test_a_shard_without_row_sums_is_read_whole_and_checked(cache: EmbeddingCache) -> None:
+    from safetensors.numpy import save
+
+    keys = [key_of(i) for i in range(6)]
+    vecs = vectors_of(keys)
+    blob = "\n".join(keys).encode()
+    meta = {"format": cache_mod.FORMAT, "fingerprint": FP, "kind": "image", "count": "6",
+            "dim": str(DIM), "sha256": cache_mod._checksum(blob, vecs)}
+    folder = cache.namespace_dir(FP, "image")
+    folder.mkdir(parents=True)
+    old = folder / "shard-1-old.safetensors"
+    old.write_bytes(save({"vectors": vecs, "keys": np.frombuffer(blob, np.uint8).copy()},
+                         metadata=meta))
+    got, found = EmbeddingCache(cache.root).get(FP, "image", keys[:2])
+    assert all(found) and torch.equal(got, torch.from_numpy(vecs[:2]))
+    flip_tensor_byte(old, "vectors", 5 * 4 * DIM)  # a row not asked for: still found
+    again = EmbeddingCache(cache.root)
+    assert again.get(FP, "image", keys[:2])[0] is None and again.stats.corrupt_shards == 1
+
+
 def test_shard_from_another_namespace_rejected(cache: EmbeddingCache) -> None:
     keys = [key_of(0)]
     path = cache.put("fp-a", "image", keys, vectors_of(keys))
@@ -362,6 +403,59 @@ def test_concurrent_writers(tmp_path: Path) -> None:
     for shard in shards(cache):
         keys, vecs = cache_mod._decode_shard(shard.read_bytes(), FP, "image")
         assert np.array_equal(vecs, vectors_of(keys, 64))
+
+
+def _worker(root: str, role: str, seed: int, barrier, rounds: int, q) -> None:
+    """One process of the mixed test: encode, read or clear, checking every vector it gets."""
+    rng = np.random.default_rng(seed)
+    cache = EmbeddingCache(root, max_shards=4)
+    barrier.wait(timeout=120)
+    checked = 0
+    for _ in range(rounds):
+        keys = [key_of(int(i)) for i in rng.choice(300, size=40, replace=False)]
+        if role == "encode":
+            out = cache.encode(FP, "image", keys, lambda idx, keys=keys: vectors_of(
+                [keys[i] for i in idx]), batch_size=16, progress=False, flush_every=16)
+            checked += int(torch.equal(out, torch.from_numpy(vectors_of(keys))))
+        elif role == "read":
+            got, found = cache.get(FP, "image", keys)
+            hits = [k for k, f in zip(keys, found, strict=True) if f]
+            checked += int(got is None or torch.equal(got, torch.from_numpy(vectors_of(hits))))
+        else:  # clear now and then, compact otherwise
+            if rng.random() < 0.3:
+                cache.clear(FP, "image")
+            else:
+                cache.compact(FP, "image")
+            checked += 1
+    q.put((role, seed, checked, cache.stats.corrupt_shards))
+
+
+def test_processes_encoding_reading_and_clearing_one_cache(tmp_path: Path) -> None:
+    """Two encoders, two readers and a process that clears and compacts, all at once: every
+    vector anyone gets is right, no shard is torn, nobody hangs."""
+    ctx = mp.get_context("spawn")
+    roles = ["encode", "encode", "read", "read", "clear"]
+    barrier, q, rounds = ctx.Barrier(len(roles)), ctx.Queue(), 25
+    procs = [ctx.Process(target=_worker, args=(str(tmp_path), role, seed, barrier, rounds, q))
+             for seed, role in enumerate(roles)]
+    for p in procs:
+        p.start()
+    try:
+        results = [q.get(timeout=180) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():  # a deadlock: fail, never hang the suite
+                p.kill()
+    assert [p.exitcode for p in procs] == [0] * len(roles)
+    assert sorted(r[2] for r in results) == [rounds] * len(roles), results
+    assert all(r[3] == 0 for r in results), results  # nothing torn, nothing "corrupt"
+    cache = EmbeddingCache(tmp_path)
+    keys = [key_of(i) for i in range(300)]
+    got, found = cache.get(FP, "image", keys)
+    hits = [k for k, f in zip(keys, found, strict=True) if f]
+    assert got is None or torch.equal(got, torch.from_numpy(vectors_of(hits)))
+    assert cache.stats.corrupt_shards == 0
 
 
 # ---------------------------------------------------------------------------------------------
