@@ -598,8 +598,13 @@ class EmbeddingCache:
                     shard.close()
             if not vanished:
                 break
-        # names compacted away need not be remembered; their shards stay open (and valid)
+        # names compacted away need not be remembered; a shard still read from its file is
+        # closed (its rows are in the newer shard), so its disk space is freed
         view.loaded.intersection_update(names)
+        on_disk = set(names)
+        for shard in [sh for sh in view.shards if sh.file is not None]:
+            if shard.name not in on_disk:
+                view.drop(shard)
         return view
 
     def _gather(self, fingerprint: str, kind: str, keys: list[str]

@@ -25,6 +25,21 @@ def _debug() -> bool:
     return os.environ.get("MMSEC_DEBUG", "") not in ("", "0")
 
 
+def _disk_full(exc: BaseException) -> str | None:
+    """The one error line for a full disk (or quota) anywhere in ``exc``'s chain, else None."""
+    import errno
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" writing {exc.filename}" if exc.filename else ""
+            return (f"Error: the disk is full ({exc.strerror or 'no space left'}){where}; "
+                    "free some space, then run again (with --resume where there is one)")
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def handle_errors(fn):
     """Turn mmsec errors (and unexpected ones) into one line and an exit code."""
 
@@ -39,6 +54,10 @@ def handle_errors(fn):
         except MmsecError as exc:
             if _debug():
                 raise
+            full = _disk_full(exc)
+            if full is not None:
+                click.echo(full, err=True)
+                sys.exit(1)
             click.echo(f"Error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
@@ -47,6 +66,10 @@ def handle_errors(fn):
         except Exception as exc:  # the last line of defence: no traceback for users
             if _debug():
                 raise
+            full = _disk_full(exc)
+            if full is not None:
+                click.echo(full, err=True)
+                sys.exit(1)
             first = one_line(str(exc).splitlines()[0]) if str(exc).strip() else ""
             click.echo(f"Error: {type(exc).__name__}: {first} (set MMSEC_DEBUG=1 for the "
                        "traceback)", err=True)

@@ -179,12 +179,20 @@ class _StderrFormatter(logging.Formatter):
 _run_counter = itertools.count(1)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """run.log is best effort: a record that cannot be written (a full disk) is dropped,
+    where logging would print a traceback to stderr for each one."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        pass
+
+
 def _make_logger(log_file: Path, quiet: bool) -> logging.Logger:
     logger = logging.getLogger(f"mmsec.run.{next(_run_counter)}")
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
-    file_handler = logging.FileHandler(log_file, mode="a", encoding="utf-8",
-                                       errors="backslashreplace")
+    file_handler = _QuietFileHandler(log_file, mode="a", encoding="utf-8",
+                                     errors="backslashreplace")
     file_handler.setLevel(logging.DEBUG)
     file_handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
@@ -712,7 +720,9 @@ class Run:
         try:
             results = self._write_outputs()
         except OSError as write_error:  # a full disk: say "failed" where it still fits
-            self.log.error("could not write the outputs of the failed run: %s", write_error)
+            # the file only: the CLI's one error line says what ended the run
+            self.log.error("could not write the outputs of the failed run: %s", write_error,
+                           extra={"file_only": True})
             results = self.results()
             with contextlib.suppress(OSError):
                 write_json_atomic(self.dir / RESULTS_FILE, results)

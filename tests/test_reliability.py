@@ -121,6 +121,61 @@ def test_disk_full_for_every_write_keeps_the_original_error(tmp_path: Path,
     assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "running"
 
 
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 2 MB tmpfs (skipped where mounting is not permitted: not root, no tmpfs)."""
+    import shutil
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if shutil.which("mount") is None:
+        pytest.skip("no mount command to make a small disk")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip() or made.returncode}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("free_kb", [4, 40, 200])
+def test_a_real_full_disk_under_a_run_and_its_cache(small_disk: Path, free_kb: int,
+                                                    monkeypatch) -> None:
+    """The run folder and the cache on a disk that fills up part-way (at the start, while
+    finishing, while saving artifacts): one error line that says the disk is full, never
+    "completed", checkpoints intact; with space again, --resume completes the run."""
+    import os
+
+    from mmsec.data import procedural
+    from mmsec.io import load_tensors
+    from mmsec.testing import invoke
+
+    monkeypatch.setitem(procedural.PROCEDURAL_SIZES, "train", 512)
+    monkeypatch.setenv("MMSEC_CACHE_DIR", str(small_disk / "cache"))
+    st = os.statvfs(small_disk)
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (st.f_bavail * st.f_frsize - free_kb * 1024))
+    run = small_disk / "run"
+    args = ["attack", "-p", "uap", "-o", "train_items", "64", "-o", "epochs", "2",
+            "-o", "batch_size", "32", "--limit", "32", "--knn-bank", "0", "--device", "cpu",
+            "-q", "--out", run]
+    failed = invoke(*args)
+    assert failed.exit_code == 1, failed.output
+    errors = [line for line in failed.stderr.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "the disk is full" in errors[0], failed.stderr
+    assert "Traceback" not in failed.stderr and "Logging error" not in failed.stderr
+    assert json.loads((run / "results.json").read_text())["status"] in ("running", "failed")
+    assert not list(small_disk.rglob("*.tmp"))  # no half-written file left behind
+    for checkpoint in (run / "checkpoints").glob("*.safetensors"):
+        assert load_tensors(checkpoint)[0]  # complete, or not there at all
+
+    filler.unlink()
+    done = invoke(*args, "--resume")
+    assert done.exit_code == 0, done.output
+    assert json.loads((run / "results.json").read_text())["status"] == "completed"
+
+
 def test_out_into_a_folder_of_other_files_is_refused(tmp_path: Path) -> None:
     project = tmp_path / "project"
     project.mkdir()
