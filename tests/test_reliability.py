@@ -373,6 +373,42 @@ def test_names_that_are_not_utf8_reach_results_and_report(odd_folder: Path,
     assert json.loads((tmp_path / "r" / "results.json").read_text())["status"] == "completed"
 
 
+@pytest.mark.parametrize("orientation", [1, 6])
+def test_big_jpeg_photos_are_decoded_at_a_reduced_scale(tmp_path: Path, monkeypatch,
+                                                         orientation: int) -> None:
+    """A 2,000 x 1,500 JPEG for 64-pixel images is decoded at 1/8 scale (250 x 188, or
+    turned by its EXIF orientation) before the bicubic resize; truncated JPEGs still fail."""
+    from PIL import Image
+
+    from mmsec.data import files
+
+    cls = tmp_path / "photos" / "test" / "cat"
+    cls.mkdir(parents=True)
+    (tmp_path / "photos" / "train" / "cat").mkdir(parents=True)
+    yy, xx = np.mgrid[0:1500, 0:2000]
+    pixels = np.stack([xx * 255 // 2000, yy * 255 // 1500, (xx + yy) % 256], -1)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(pixels.astype(np.uint8)).save(cls / "big.jpg", quality=90, exif=exif)
+    data = (cls / "big.jpg").read_bytes()
+    (cls / "cut.jpg").write_bytes(data[: len(data) // 2])
+    decoded: list[tuple[int, ...]] = []
+    resize = files._resize
+
+    def spy(arr, size):
+        decoded.append(arr.shape)
+        return resize(arr, size)
+
+    monkeypatch.setattr(files, "_resize", spy)
+    ds = files.imagefolder(str(tmp_path / "photos"), image_size=64)
+    assert len(ds) == 1 and ds.skipped == 1  # the truncated one, found by the scan
+    img, _ = ds.load(0)
+    assert img.shape == (3, 64, 64)
+    assert decoded == [(188, 250, 3) if orientation == 1 else (250, 188, 3)]
+    full = files._resize(files._decode_image(data), (64, 64))  # the old way: full size first
+    assert np.abs(img.permute(1, 2, 0).numpy() * 255 - full).mean() < 3
+
+
 # ------------------------------------------------------------------ checkpoints from strangers
 def _tampered(tmp_path: Path, zoo_model, name: str, edit) -> Path:
     """The zoo model saved as a checkpoint, with its tensors or metadata changed by ``edit``."""
