@@ -454,6 +454,27 @@ def _zoo_name_from(data: str | None) -> str:
     return re.sub(r"[^a-z0-9_-]+", "-", stem.lower()).strip("-") or source
 
 
+def _check_zoo_train_ranges(**values) -> None:
+    """`mmsec zoo train`'s numbers, checked before anything is read or written: one line,
+    exit 2 (a 0 or negative count used to train the default schedule, a NaN learning rate
+    to fail deep in the optimiser)."""
+    import math
+
+    from .api import MAX_SEED
+
+    limits = {"epochs": (1, None), "steps": (1, None), "min_steps": (0, None),
+              "batch_size": (2, 65536), "image_size": (32, 1024), "seed": (0, MAX_SEED),
+              "train_items": (2, None), "test_items": (1, None)}
+    for key, (low, high) in limits.items():
+        value = values[key]
+        if value is not None and (value < low or (high is not None and value > high)):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise UsageError(f"--{key.replace('_', '-')} {value}: use an integer {span}")
+    lr = values["lr"]
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise UsageError(f"--lr {lr}: use a positive finite learning rate (e.g. 1e-3)")
+
+
 @zoo_group.command("train")
 @click.option("--name", default=None, help="model name (default: shapes, fashion for "
               "fashion-mnist, else the data's folder or file name)")
@@ -497,6 +518,9 @@ def zoo_train(name, data, image_size, vocab, epochs, steps, min_steps, batch_siz
     from .runs import Run
     from .zoo.train import train_zoo, zoo_out_dir
 
+    _check_zoo_train_ranges(epochs=epochs, steps=steps, min_steps=min_steps,
+                            batch_size=batch_size, lr=lr, image_size=image_size, seed=seed,
+                            train_items=train_items, test_items=test_items)
     name = name or _zoo_name_from(data)
     if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,63}", name):
         raise UsageError(f"zoo model name {name!r}: use lower-case letters, digits, - and _")

@@ -487,6 +487,30 @@ def test_usage_errors_are_one_line_exit_2(tmp_path: Path, monkeypatch, args, mat
     assert not (tmp_path / "mmsec-runs").exists()  # refused before a run folder exists
 
 
+@pytest.mark.parametrize("args,match", [
+    (["--epochs", "0"], "--epochs 0: use an integer of at least 1"),
+    (["--steps", "-2"], "--steps -2: use an integer"),
+    (["--min-steps", "-5"], "--min-steps -5"),
+    (["--batch-size", "1"], "--batch-size 1: use an integer from 2"),
+    (["--lr", "nan"], "--lr nan: use a positive finite"),
+    (["--lr", "-1"], "--lr -1.0: use a positive finite"),
+    (["--image-size", "100000"], "--image-size 100000: use an integer from 32 to 1024"),
+    (["--seed", "-1"], "--seed -1: use an integer from 0"),
+    (["--train-items", "0"], "--train-items 0"),
+    (["--test-items", "-1"], "--test-items -1"),
+])
+def test_zoo_train_numbers_out_of_range_are_one_line_exit_2(tmp_path: Path, args,
+                                                             match) -> None:
+    from mmsec.testing import invoke
+
+    result = invoke("zoo", "train", "--out-dir", tmp_path / "zoo", "--out", tmp_path / "run",
+                    *args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and match in lines[0], lines
+    assert not (tmp_path / "run").exists() and not (tmp_path / "zoo").exists()
+
+
 def test_cache_folder_that_is_a_file_is_one_line(tmp_path: Path, monkeypatch) -> None:
     from mmsec.testing import invoke
 
