@@ -1,4 +1,4 @@
-"""A real kill -9 (and a Ctrl-C) at 27 points of `mmsec` training runs, then `--resume`: the
+"""A real kill -9 (and a Ctrl-C) at 28 points of `mmsec` training runs, then `--resume`: the
 artifacts, every metric and every logged training curve equal an uninterrupted run's, bit
 for bit on the CPU (issue 18).
 
@@ -11,7 +11,9 @@ the target; the trigger inversion; the tuning), each killed
   rename not done: the previous checkpoint must still be the one used),
 - ``step:N`` right after its N-th optimiser step (mid-epoch: the steps since the last
   checkpoint are lost and must be replayed, with the same batches and random numbers),
-- ``done:N`` right after its N-th stage finished (between two stages).
+- ``done:N`` right after its N-th stage finished (between two stages),
+- ``call:N:module.function`` right after the N-th call of a function (InverTune's target
+  probes, which keep no checkpoint: a resumed run repeats them and must find the same).
 
 A point may name a loop (``save:1:invert``): then only that loop's checkpoints or steps count.
 
@@ -86,6 +88,17 @@ def install(spec, sig):
             if scope == "step" and where in tag:
                 hit()
         runs.Run.log_scalars = killing_log
+    elif kind == "call":  # after the N-th call of a function: call:N:package.module.function
+        import importlib
+        module, name = where.rsplit(".", 1)
+        module = importlib.import_module(module)
+        function = getattr(module, name)
+
+        def killing_call(*args, **kwargs):
+            out = function(*args, **kwargs)
+            hit()
+            return out
+        setattr(module, name, killing_call)
     elif kind != "none":
         raise ValueError(spec)
 
@@ -143,9 +156,16 @@ SCENARIOS = {
                   "32", "-o", "invert_min_steps", "0", "-o", "tune_steps", "12",
                   "-o", "tune_batch", "16", "-o", "rounds", "1", "--clean-items", "64",
                   "--limit", "64"],
+    # the target found by probes (no checkpoint: a kill there repeats them, identically)
+    "invertune-probes": ["defend", "-p", "invertune", "-o", "simulator", "auto",
+                         "-o", "candidates", "2", "-o", "probe_families", "patch",
+                         "-o", "probe_steps", "2", "-o", "probe_batch", "8", "-o", "clean_items", "64", "-o", "invert_epochs",
+                         "1", "-o", "invert_batch", "32", "-o", "invert_min_steps", "0",
+                         "-o", "tune_steps", "4", "-o", "tune_batch", "16", "-o", "rounds",
+                         "1", "--clean-items", "64", "--limit", "64"],
 }
 
-# (scenario, kill point, signal): 27 points
+# (scenario, kill point, signal): 28 points
 POINTS = [
     ("uap", "save:1", "SIGKILL"),
     ("uap", "save:3", "SIGKILL"),
@@ -174,6 +194,7 @@ POINTS = [
     ("invertune", "done:2", "SIGKILL"),
     ("invertune", "step:5:tune", "SIGKILL"),
     ("invertune", "write:1:tune", "SIGKILL"),
+    ("invertune-probes", "call:2:mmsec_plugins.invertune.probes.fit_probe", "SIGKILL"),
 ]
 
 
