@@ -584,7 +584,7 @@ class EmbeddingCache:
                 except FileNotFoundError:
                     vanished = True  # compacted away meanwhile: its rows are in a newer shard
                     continue
-                except (ValueError, OSError, UnicodeDecodeError, KeyError, TypeError) as exc:
+                except Exception as exc:  # any parse failure means "corrupt"
                     self._mark_bad(view, ns_dir / name, str(exc) or type(exc).__name__)
                     continue
                 if view.dim is not None and shard.index.n and shard.dim != view.dim:
