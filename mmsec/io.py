@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -163,7 +164,16 @@ def write_safetensors_atomic(path: str | os.PathLike[str], tensors: Mapping[str,
 
     prepared, text_meta = _safetensors_prepared(tensors, metadata)
     with atomic_path(path) as tmp:
-        save_file(prepared, str(tmp), metadata=text_meta)
+        try:
+            save_file(prepared, str(tmp), metadata=text_meta)
+        except Exception as exc:
+            # safetensors reports a failed write (a full disk) as its own error type with
+            # "(os error N)" in the text: callers handle OSError (and say "disk full")
+            found = re.search(r"\(os error (\d+)\)", str(exc))
+            if found is None:
+                raise
+            code = int(found.group(1))
+            raise OSError(code, os.strerror(code), str(path)) from exc
     return Path(path)
 
 
