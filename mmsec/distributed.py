@@ -34,7 +34,7 @@ __all__ = [
     "Shard", "all_objects", "all_reduce", "barrier", "batch_size", "broadcast_object",
     "broadcast_tensors", "current_shard", "device", "gather", "gather_rows", "global_rand",
     "init", "is_main", "launched", "local_rank", "rank", "shard_range", "sharding",
-    "slice_batch", "world_size",
+    "slice_batch", "synced_batch_norm", "world_size",
 ]
 
 _STATE: dict[str, Any] = {"init": False}
@@ -318,3 +318,70 @@ def batch_size(batch: Any) -> int | None:
             if n is not None:
                 return n
     return None
+
+
+class _AllReduceWithGrad(torch.autograd.Function):
+    """Sum over processes; the backward sums the gradients over processes too."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce(tensor.detach().clone())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return all_reduce(grad.contiguous().clone())
+
+
+def _synced_batch_norm(module: torch.nn.modules.batchnorm._BatchNorm, original):
+    """``module``'s forward with the batch statistics of the global batch in a sharded
+    training step (as ``nn.SyncBatchNorm``, which runs on CUDA only); else ``original``."""
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not module.training or current_shard() is None or x.dim() < 2:
+            return original(x)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        local = torch.cat([xf.sum(dims), (xf * xf).sum(dims),
+                           torch.tensor([x.numel() / channels], device=x.device)])
+        stats = _AllReduceWithGrad.apply(local)
+        count = stats[-1]
+        mean = stats[:channels] / count
+        var = (stats[channels:2 * channels] / count - mean * mean).clamp(min=0)
+        if module.track_running_stats and module.running_mean is not None:
+            with torch.no_grad():
+                module.num_batches_tracked += 1
+                momentum = (1.0 / float(module.num_batches_tracked) if module.momentum is None
+                            else module.momentum)
+                unbiased = var.detach() * (count / (count - 1).clamp(min=1))
+                module.running_mean.lerp_(mean.detach().to(module.running_mean.dtype), momentum)
+                module.running_var.lerp_(unbiased.to(module.running_var.dtype), momentum)
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps)
+        if module.affine:
+            y = y * module.weight.view(shape) + module.bias.view(shape)
+        return y.to(x.dtype)
+
+    return forward
+
+
+@contextlib.contextmanager
+def synced_batch_norm(modules: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Inside, the batch-norm layers of ``modules`` normalise training batches with the
+    global batch's statistics (running statistics too) under torchrun: a batch norm in
+    train mode would otherwise see only its process's rows. No-op in one process."""
+    if world_size() == 1:
+        yield
+        return
+    patched = []
+    seen: set[int] = set()
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and id(m) not in seen:
+                seen.add(id(m))
+                m.forward = _synced_batch_norm(m, m.forward)  # type: ignore[method-assign]
+                patched.append(m)
+    try:
+        yield
+    finally:
+        for m in patched:
+            del m.forward

@@ -161,3 +161,24 @@ def test_shards_split_a_global_batch_into_contiguous_blocks():
     whole = torch.rand(10, 2, generator=torch.Generator().manual_seed(0))
     with distributed.sharding(distributed.Shard(4, 7, 10)):
         assert distributed.global_rand((3, 2), generator=gen).equal(whole[4:7])
+
+
+def test_the_synced_batch_norm_computes_what_batch_norm_computes():
+    """Its statistics are all-reduced (identity in one process): output, gradient and
+    running statistics must be batch norm's."""
+    torch.manual_seed(0)
+    ref, bn = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    bn.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    forward = distributed._synced_batch_norm(bn, bn.forward)
+    with distributed.sharding(distributed.Shard(0, 4, 4)):
+        y = forward(x2)
+    want = ref(x)
+    assert torch.allclose(y, want, atol=1e-5)
+    (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+    (want * torch.arange(want.numel()).view_as(want)).sum().backward()
+    assert torch.allclose(x2.grad, x.grad, atol=1e-4)
+    assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
+    assert torch.allclose(bn.running_var, ref.running_var, atol=1e-5)
+    assert int(bn.num_batches_tracked) == 1

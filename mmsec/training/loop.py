@@ -23,13 +23,15 @@ start from rank 0's values, each process runs the step on its slice of every glo
 gradients of each optimiser are averaged over processes before clipping and the step (one
 all-reduce per optimiser step, after accumulation). A per-item mean loss then gives the
 gradient of the global batch's mean, and an in-batch contrastive loss computed on the
-gathered batch (:func:`mmsec.distributed.gather`) its exact gradient, so N processes
+gathered batch (:func:`mmsec.distributed.gather`) its exact gradient; batch norms in train
+mode normalise with the global batch's statistics; so N processes
 follow one process's trajectory up to float reduction order. Logged numbers are the
 share-weighted means over processes; only the main process checkpoints and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -217,12 +219,9 @@ def _average_grads(params: Sequence[torch.Tensor]) -> None:
 
 
 def _reduce_logs(logs: dict[str, float], weight: float) -> dict[str, float]:
-    """The share-weighted mean of each logged number over processes."""
+    """The share-weighted mean of each logged number over processes (one all-reduce; every
+    process runs the same step, so the same names)."""
     keys = sorted(logs)
-    names = distributed.all_objects(keys)
-    if any(k != keys for k in names):
-        raise MmsecError("the processes logged different numbers in one step ("
-                         + " vs ".join(",".join(k) for k in names) + ")")
     vals = torch.tensor([logs[k] * weight for k in keys] + [weight], dtype=torch.float64)
     vals = distributed.all_reduce(vals)
     return {k: float(vals[i] / vals[-1]) for i, k in enumerate(keys)}
@@ -423,6 +422,11 @@ def train(
     modes = [m.training for m in train_modules]
     for m in train_modules:
         m.train()
+    synced = contextlib.ExitStack()
+    if world > 1:  # batch norms in train mode: statistics of the global batch
+        synced.enter_context(distributed.synced_batch_norm(
+            [*train_modules, *(m for m in state.values() if isinstance(m, nn.Module)),
+             *(s.params for s in specs.values() if isinstance(s.params, nn.Module))]))
     try:
         for epoch in range(start_epoch, n_epochs):
             first = start_batch if epoch == start_epoch else 0
@@ -526,6 +530,7 @@ def train(
             if gstep >= total:
                 break
     finally:
+        synced.close()
         for m, mode in zip(train_modules, modes, strict=True):
             m.train(mode)
     result.steps = gstep
