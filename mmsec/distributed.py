@@ -23,7 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -33,7 +33,8 @@ import torch
 __all__ = [
     "Shard", "all_objects", "all_reduce", "barrier", "batch_size", "broadcast_object",
     "broadcast_tensors", "current_shard", "device", "gather", "gather_rows", "global_rand",
-    "init", "is_main", "launched", "local_rank", "rank", "shard_range", "sharding",
+    "init", "is_main", "launched", "local_rank", "on_global_batch", "rank", "shard_range",
+    "sharding",
     "slice_batch", "synced_batch_norm", "world_size",
 ]
 
@@ -286,6 +287,19 @@ def global_rand(shape: Sequence[int], generator: torch.Generator | None = None,
         return torch.rand(shape, generator=generator, **kwargs)
     full = torch.rand((shard.total, *shape[1:]), generator=generator, **kwargs)
     return full[shard.start:shard.stop]
+
+
+def on_global_batch(fn: Callable[..., Any], *items: torch.Tensor) -> Any:
+    """``fn(*items)`` as one process computes it: inside a sharded step, ``items`` (this
+    process's rows, dim 0) are gathered into the global batch, ``fn`` runs on it (the same
+    seeds on every process) and this process's rows of its result are kept
+    (:func:`slice_batch`). For random per-batch draws (augmentations, sampled captions)
+    that must not depend on how the batch is split. Without a shard: ``fn(*items)``."""
+    shard = current_shard()
+    if shard is None:
+        return fn(*items)
+    full = fn(*(_gather_padded(t.detach())[0] for t in items))
+    return slice_batch(full, shard.start, shard.stop, shard.total)
 
 
 def slice_batch(batch: Any, start: int, stop: int, total: int) -> Any:

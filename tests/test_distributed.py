@@ -148,6 +148,7 @@ def test_the_helpers_are_no_ops_in_one_process():
     assert distributed.gather(x) is x and distributed.gather_rows(x) is x
     assert distributed.all_reduce(x.clone()).equal(x)
     assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.on_global_batch(lambda a: (a * 2, ["t"] * 3), x)[0].equal(x * 2)
     distributed.barrier()
 
 
