@@ -192,6 +192,12 @@ class MmsecGroup(click.Group):
 @click.version_option(__version__, prog_name="mmsec")
 def main() -> None:
     """mmsec: attacks, defenses and metrics for CLIP models, extensible by plugins."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and os.environ.get("RANK", "0") != "0":
+        # torchrun: the other processes print nothing (errors still reach stderr); read
+        # from the environment, not mmsec.distributed, to keep torch out of the CLI import
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the process's lifetime
+        _setup_logging(quiet=True)
+        return
     _setup_logging()
 
 

@@ -10,6 +10,11 @@ is key ``positive_index[i]`` (default: key ``i``, the diagonal, which needs ``K 
 other key is a negative. With ``symmetric=True`` (or via :func:`symmetric`) the loss is also
 computed in the reverse direction (keys as queries) and the two are averaged, CLIP-style;
 that requires ``K == B`` and ``positive_index`` to be a permutation.
+
+Under torchrun, inside a training step (:mod:`mmsec.distributed`), the in-batch losses
+(one key per query: ``clip_loss``, ``in_modal_loss``, and the others with diagonal
+positives) gather queries and keys of every process with their gradient, so the negatives
+are those of the global batch and the loss is the one of a single process.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from . import distributed
 
 __all__ = [
     "HardPairWeights",
@@ -41,6 +48,16 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _global_batch(query: Tensor, keys: Tensor, positive_index: Tensor | None
+                  ) -> tuple[Tensor, Tensor]:
+    """Queries and keys of the global batch inside a sharded training step, when keys are
+    per item (diagonal positives); otherwise as given."""
+    if distributed.current_shard() is None or positive_index is not None \
+            or query.shape[0] != keys.shape[0]:
+        return query, keys
+    return distributed.gather(query), distributed.gather(keys)
 
 
 def _cosine(query: Tensor, keys: Tensor) -> Tensor:
@@ -168,6 +185,13 @@ def clip_loss(
             f"image_emb and text_emb must have the same shape [B, D], got "
             f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}"
         )
+    if distributed.current_shard() is not None:
+        if positive_mask is not None:
+            raise ValueError("clip_loss under torchrun needs labels, not a positive_mask "
+                             "(a [B, B] mask of one process's rows cannot be gathered)")
+        image_emb, text_emb = distributed.gather(image_emb), distributed.gather(text_emb)
+        if labels is not None:
+            labels = distributed.gather(labels)
     logits = logit_scale * _cosine(image_emb, text_emb)  # [B, B]
     b = logits.shape[0]
     if labels is not None:
@@ -221,6 +245,7 @@ def info_nce(
         logits = _cosine(q, k) / tau
         return F.cross_entropy(logits, _targets(pos, q.shape[0], k.shape[0], logits.device))
 
+    query, keys = _global_batch(query, keys, positive_index)
     return _maybe_symmetric(one_way, query, keys, positive_index, symmetric)
 
 
@@ -274,6 +299,7 @@ def focal_info_nce(
         logits = torch.where(is_pos, positive, (sims + margin) * sims) / tau
         return F.cross_entropy(logits, target)
 
+    query, keys = _global_batch(query, keys, positive_index)
     return _maybe_symmetric(one_way, query, keys, positive_index, symmetric)
 
 
@@ -322,6 +348,7 @@ def decoupled_contrastive_loss(
         negatives = torch.logsumexp(logits.masked_fill(is_pos, float("-inf")), dim=1)
         return (negatives - positive).mean()
 
+    query, keys = _global_batch(query, keys, positive_index)
     return _maybe_symmetric(one_way, query, keys, positive_index, symmetric)
 
 
@@ -465,6 +492,7 @@ def pmg_aft_loss(adv_logits: Tensor, clean_logits: Tensor, orig_adv_logits: Tens
 def in_modal_loss(emb: Tensor, emb_aug: Tensor, logit_scale: float | Tensor) -> Tensor:
     """CleanCLIP's in-modal term: each embedding against the augmented views of the batch,
     ``CE(logit_scale * cos(e_i, e'_j), i)``, one direction (CleanCLIP's code)."""
+    emb, emb_aug = _global_batch(emb, emb_aug, None)
     logits = logit_scale * _cosine(emb, emb_aug)
     return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
 

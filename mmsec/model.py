@@ -62,7 +62,14 @@ __all__ = [
 
 
 def pick_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` -> cuda if present, else mps, else cpu; anything else as given (validated)."""
+    """``auto`` -> cuda if present, else mps, else cpu; anything else as given (validated).
+    Under torchrun a bare ``cuda`` (or ``auto`` on CUDA) is this process's GPU,
+    ``cuda:LOCAL_RANK``."""
+    from .distributed import launched, local_rank
+
+    if launched() and (device is None or str(device) in ("auto", "cuda")) \
+            and torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
     if device is None or str(device) == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

@@ -16,7 +16,12 @@ __all__ = ["progress", "progress_enabled"]
 
 
 def progress_enabled() -> bool:
-    """``MMSEC_PROGRESS=0`` disables bars, ``=1`` forces them; default: only on a TTY."""
+    """``MMSEC_PROGRESS=0`` disables bars, ``=1`` forces them; default: only on a TTY.
+    Under torchrun only the main process shows bars."""
+    from .distributed import is_main
+
+    if not is_main():
+        return False
     setting = os.environ.get("MMSEC_PROGRESS", "").strip().lower()
     if setting in ("0", "false", "no", "off"):
         return False

@@ -338,6 +338,10 @@ class Run:
         error before anything is written.
         """
         loggers = None if loggers is None else check_backends(loggers)
+        from .distributed import is_main
+
+        if not is_main():  # under torchrun only rank 0 writes the run folder
+            return _ShadowRun.make(out, kind, plugin, resume=resume)
         if out is None:
             if resume:
                 raise UsageError("--resume needs --out pointing to the run folder to continue")
@@ -729,6 +733,44 @@ class Run:
         self.log.error("run %s: %s", self.status, self.fields["error"], extra={"file_only": True})
         return results
 
+
+
+class _ShadowRun(Run):
+    """The run of a process other than rank 0 under torchrun: the same API, its files in a
+    private temporary folder removed at close; checkpoints are read from the real run folder
+    (``--resume``) and never written."""
+
+    @classmethod
+    def make(cls, out: str | os.PathLike[str] | None, kind: str, plugin: str | None, *,
+             resume: bool) -> _ShadowRun:
+        import tempfile
+
+        from .distributed import rank
+
+        source = Path(out) if out is not None else None
+        holds_run = source is not None and ((source / RESULTS_FILE).is_file()
+                                            or _has_checkpoints(source))
+        tmp = Path(tempfile.mkdtemp(prefix=f"mmsec-rank{rank()}-"))
+        run = cls(tmp, kind, plugin, resume=resume and holds_run, resumed=False, quiet=True,
+                  loggers=[])
+        run.source_dir = source
+        return run
+
+    source_dir: Path | None = None
+
+    def checkpoint_path(self, slot: str = "main") -> Path:
+        base = self.source_dir if self.source_dir is not None else self.dir
+        return base / CHECKPOINTS_DIR / _relative_name(slot, ".safetensors")
+
+    def save_checkpoint(self, state: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *,
+                        slot: str = "main", rng: bool = True) -> Path:
+        return self.checkpoint_path(slot)
+
+    def close(self) -> None:
+        import shutil
+
+        super().close()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class ResumeMismatch(UsageError):

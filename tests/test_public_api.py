@@ -16,7 +16,8 @@ import pytest
 import mmsec
 
 REPO = Path(__file__).resolve().parents[1]
-PUBLIC_MODULES = {"mmsec", "mmsec.losses", "mmsec.metrics", "mmsec.fields", "mmsec.avqi"}
+PUBLIC_MODULES = {"mmsec", "mmsec.losses", "mmsec.metrics", "mmsec.fields", "mmsec.avqi",
+                  "mmsec.distributed"}
 PLUGIN_SOURCES = sorted([*(REPO / "plugins").rglob("*.py"),
                          *(REPO / "docs" / "example-plugin" / "mmsec_example").rglob("*.py")])
 

@@ -245,6 +245,10 @@ def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
         for i in progress(range(n), desc=f"rendering procedural[{split}]", enabled=n >= 5000,
                           mininterval=1.0)
     ])
+    from ..distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 writes the memo
+        return arr
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..attacks import Artifact, Attack, Victim
 from ..cache import EmbeddingCache
 from ..data import ImageDataset, load_images
@@ -144,6 +145,10 @@ class Evaluation:
         ds, victim = self.data, self.victim()
         n_layers = self.layer_items if layers else 0
         starts = range(0, len(ds), self.batch_size)
+        world = distributed.world_size()
+        if world > 1:  # torchrun: each process attacks a block of whole batches
+            lo, hi = distributed.shard_range(len(starts))
+            starts = starts[lo:hi]
         if self.progress is not None:
             starts = self.progress(starts, desc=desc, total=len(starts))
         out, acts_out = [], {}
@@ -160,7 +165,15 @@ class Evaluation:
                 else:
                     out.append(self.model.encode_image(adv).cpu())
         emb = torch.cat(out) if out else torch.zeros(0, self.model.embed_dim)
-        return emb, ({k: torch.cat(v) for k, v in acts_out.items()} if n_layers else None)
+        acts = {k: torch.cat(v) for k, v in acts_out.items()}
+        if world > 1:
+            emb = distributed.gather_rows(emb)
+            merged: dict[str, list[torch.Tensor]] = {}
+            for part in distributed.all_objects(acts):  # the first batches' (small)
+                for k, v in part.items():
+                    merged.setdefault(k, []).append(v)
+            acts = {k: torch.cat(v) for k, v in merged.items()}
+        return emb, (acts if n_layers else None)
 
     def attacked(self, attack: Attack, artifact: Artifact, *, condition: str = "adv",
                  run: Any = None) -> list[View]:

@@ -2,9 +2,14 @@
 
 ``train`` asks a source for the batches of epoch ``e`` starting at batch ``b`` (a resumed run
 continues mid-epoch) and for how many batches an epoch has, so a schedule in epochs is
-never silently shortened. :class:`IndexBatches` draws reproducible shuffled index batches
-and can shard them by rank (one shard per process under torchrun); :class:`Batches` wraps
-a function of the epoch.
+never silently shortened. :class:`IndexBatches` draws reproducible shuffled index batches;
+:class:`Batches` wraps a function of the epoch.
+
+Under torchrun the loop asks for :meth:`BatchSource.shard`: the same global batches as one
+process, each process keeping its contiguous slice of every batch (index batches are sliced
+before the items are loaded; the batches of a function are built whole on every process,
+random draws included, and then sliced along their first dimension), with a
+:class:`~mmsec.distributed.Shard` that says which rows it holds.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
+
+from ..distributed import Shard, batch_size, shard_range, slice_batch
 
 __all__ = ["BatchSource", "Batches", "IndexBatches", "stream_seed"]
 
@@ -39,6 +46,12 @@ class BatchSource:
     def map(self, fn: Callable[[Any], Any]) -> BatchSource:
         """The same batches passed through ``fn`` (e.g. indices -> images and captions)."""
         return _Mapped(self, fn)
+
+    def shard(self, rank: int, world_size: int) -> BatchSource:
+        """Process ``rank``'s part of every batch, as ``(batch, Shard)`` pairs: the rows
+        ``[start, stop)`` of the batch along its first dimension (see :func:`slice_batch
+        <mmsec.distributed.slice_batch>`)."""
+        return _Sliced(self, rank, world_size)
 
 
 class Batches(BatchSource):
@@ -77,7 +90,8 @@ class IndexBatches(BatchSource):
     """Index batches ``LongTensor [B]`` over ``n`` items, reshuffled every epoch from ``seed``.
 
     ``drop_last`` leaves out a short last batch (contrastive losses want full batches).
-    ``rank``/``world_size`` give each process its own shard of every epoch's permutation.
+    ``rank``/``world_size`` keep process ``rank``'s contiguous slice of every batch: the
+    processes together see the batches of one process.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool = True,
@@ -88,29 +102,62 @@ class IndexBatches(BatchSource):
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.shuffle, self.drop_last = shuffle, drop_last
         self.rank, self.world_size = rank, world_size
-        per_rank = n // world_size if world_size > 1 else n
-        self.per_rank = per_rank
-        full = per_rank // batch_size
-        self.length = full if drop_last and full else -(-per_rank // batch_size)
+        full = n // batch_size
+        self.length = full if drop_last and full else -(-n // batch_size)
 
     def __len__(self) -> int:
         return self.length
 
     def order(self, epoch: int) -> torch.Tensor:
-        """This rank's item order for ``epoch``."""
+        """The item order of ``epoch`` (the same on every process)."""
         if self.shuffle:
             gen = torch.Generator().manual_seed(stream_seed(self.seed, "epoch", epoch))
-            perm = torch.randperm(self.n, generator=gen)
-        else:
-            perm = torch.arange(self.n)
-        if self.world_size > 1:
-            perm = perm[: self.per_rank * self.world_size][self.rank::self.world_size]
-        return perm
+            return torch.randperm(self.n, generator=gen)
+        return torch.arange(self.n)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        return (b for b, _ in self._sharded(epoch, start, self.rank, self.world_size))
+
+    def _sharded(self, epoch: int, start: int, rank: int, world_size: int
+                 ) -> Iterator[tuple[torch.Tensor, Shard]]:
         perm = self.order(epoch)
         for b in range(start, self.length):
-            yield perm[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            lo, hi = shard_range(len(batch), rank, world_size)
+            yield batch[lo:hi], Shard(lo, hi, len(batch))
+
+    def shard(self, rank: int, world_size: int) -> BatchSource:
+        return _IndexShards(self, rank, world_size)
+
+
+class _IndexShards(BatchSource):
+    def __init__(self, source: IndexBatches, rank: int, world_size: int) -> None:
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, Shard]]:
+        return self.source._sharded(epoch, start, self.rank, self.world_size)
+
+
+class _Sliced(BatchSource):
+    """Whole batches of any source, sliced along their first dimension."""
+
+    def __init__(self, source: BatchSource, rank: int, world_size: int) -> None:
+        self.source, self.rank, self.world_size = source, rank, world_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Shard]]:
+        for batch in self.source.epoch(epoch, start):
+            total = batch_size(batch)
+            if total is None:
+                raise TypeError("a batch without tensors cannot be split between processes: "
+                                "give tensors with the items along the first dimension")
+            lo, hi = shard_range(total, self.rank, self.world_size)
+            yield slice_batch(batch, lo, hi, total), Shard(lo, hi, total)
 
 
 class _Mapped(BatchSource):
@@ -122,3 +169,19 @@ class _Mapped(BatchSource):
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[Any]:
         return (self.fn(b) for b in self.source.epoch(epoch, start))
+
+    def shard(self, rank: int, world_size: int) -> BatchSource:
+        # shard the inner batches (indices) before ``fn`` loads them: each process loads
+        # only its own items
+        return _MappedShards(self.source.shard(rank, world_size), self.fn)
+
+
+class _MappedShards(BatchSource):
+    def __init__(self, source: BatchSource, fn: Callable[[Any], Any]) -> None:
+        self.source, self.fn = source, fn
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Any, Shard]]:
+        return ((self.fn(b), s) for b, s in self.source.epoch(epoch, start))

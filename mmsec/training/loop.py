@@ -16,10 +16,22 @@ optimiser before computing the next loss (a GAN's discriminator, then its genera
 
 The loop leaves module modes alone except for ``train_modules``, which are put in train mode
 while training (eval mode during ``on_epoch_end``) and restored afterwards.
+
+Under torchrun (:mod:`mmsec.distributed`) the same call is data-parallel: the parameters
+start from rank 0's values, each process runs the step on its slice of every global batch
+(:meth:`BatchSource.shard`), its loss is weighted by its share of the batch, and the
+gradients of each optimiser are averaged over processes before clipping and the step (one
+all-reduce per optimiser step, after accumulation). A per-item mean loss then gives the
+gradient of the global batch's mean, and an in-batch contrastive loss computed on the
+gathered batch (:func:`mmsec.distributed.gather`) its exact gradient; batch norms in train
+mode normalise with the global batch's statistics; so N processes
+follow one process's trajectory up to float reduction order. Logged numbers are the
+share-weighted means over processes; only the main process checkpoints and logs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed
 from ..errors import MmsecError
 from ..runs import capture_rng_state, restore_rng_state
 from .batches import Batches, BatchSource
@@ -93,6 +106,12 @@ class _Loop:
             self.amp_dtype is torch.float16 and device.type == "cuda"))
         self.pending: set[str] = set()
         self.gstep = 0
+        #: this process's loss weight: world size x its share of the global batch (1 alone)
+        self.weight = 1.0
+        self.world = distributed.world_size()
+        if self.world > 1:  # every process starts from rank 0's parameters
+            for params in self.params.values():
+                distributed.broadcast_tensors(params)
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -124,7 +143,7 @@ class _Loop:
                              f"step {self.gstep + 1}: training diverged (lower the learning "
                              "rate, set grad_clip, or check the data); the last checkpoint "
                              "is kept")
-        scaled = self.scaler.scale(loss.float() / self.accumulate)
+        scaled = self.scaler.scale(loss.float() * (self.weight / self.accumulate))
         with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
             scaled.backward(inputs=self.params[name])
         self.pending.add(name)
@@ -133,6 +152,8 @@ class _Loop:
 
     def _step(self, name: str) -> None:
         opt, spec = self.opts[name], self.specs[name]
+        if self.world > 1:
+            _average_grads(self.params[name])
         if spec.grad_clip:
             self.scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(self.params[name], spec.grad_clip)
@@ -172,6 +193,38 @@ class _Loop:
             opt.load_state_dict({"state": state, "param_groups": om["param_groups"]})
         if meta.get("scaler"):
             self.scaler.load_state_dict(meta["scaler"])
+
+
+def _average_grads(params: Sequence[torch.Tensor]) -> None:
+    """Average the gradients of ``params`` over processes in one all-reduce; a parameter
+    that got no gradient on any process keeps none (the optimiser skips it, as alone)."""
+    if not params:
+        return
+    flat = [p.grad.reshape(-1).float() if p.grad is not None
+            else torch.zeros(p.numel(), device=p.device) for p in params]
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
+                       device=params[0].device)
+    buf = distributed.all_reduce(torch.cat([*flat, has]), op="mean")
+    got = buf[buf.numel() - len(params):]
+    offset = 0
+    for i, p in enumerate(params):
+        size = p.numel()
+        if got[i] > 0:
+            avg = buf[offset:offset + size].view_as(p).to(p.dtype)
+            if p.grad is None:
+                p.grad = avg.clone()
+            else:
+                p.grad.copy_(avg)
+        offset += size
+
+
+def _reduce_logs(logs: dict[str, float], weight: float) -> dict[str, float]:
+    """The share-weighted mean of each logged number over processes (one all-reduce; every
+    process runs the same step, so the same names)."""
+    keys = sorted(logs)
+    vals = torch.tensor([logs[k] * weight for k in keys] + [weight], dtype=torch.float64)
+    vals = distributed.all_reduce(vals)
+    return {k: float(vals[i] / vals[-1]) for i, k in enumerate(keys)}
 
 
 def _jsonable_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -301,6 +354,9 @@ def train(
     if not specs:
         raise ValueError("train needs at least one optimiser")
     source = batches if isinstance(batches, BatchSource) else Batches(batches)
+    world = distributed.world_size()
+    if world > 1:  # each process: its slice of every global batch, with a Shard
+        source = source.shard(distributed.rank(), world)
     accumulate = max(1, int(accumulate))
     per_epoch = len(source) // accumulate
     if per_epoch < 1:
@@ -322,7 +378,7 @@ def train(
     start_epoch, start_batch, gstep = 0, 0, 0
     sums: dict[str, float] = {}
     count = 0
-    save = run is not None and checkpoint_every != "never"
+    save = run is not None and checkpoint_every != "never" and distributed.is_main()
     epoch_rng: dict[str, torch.Tensor] = {}
     log_scalars = getattr(run, "log_scalars", None)
 
@@ -366,6 +422,11 @@ def train(
     modes = [m.training for m in train_modules]
     for m in train_modules:
         m.train()
+    synced = contextlib.ExitStack()
+    if world > 1:  # batch norms in train mode: statistics of the global batch
+        synced.enter_context(distributed.synced_batch_norm(
+            [*train_modules, *(m for m in state.values() if isinstance(m, nn.Module)),
+             *(s.params for s in specs.values() if isinstance(s.params, nn.Module))]))
     try:
         for epoch in range(start_epoch, n_epochs):
             first = start_batch if epoch == start_epoch else 0
@@ -386,10 +447,14 @@ def train(
             for batch in it:
                 if gstep >= total:
                     break
+                shard = None
+                if world > 1:
+                    batch, shard = batch
+                    loop.weight = world * shard.weight
                 if loop.micro == 0:
                     loop.set_lr(gstep)
                 ctx.step, ctx.epoch, ctx.updated = gstep, epoch, set()
-                with loop.autocast():
+                with loop.autocast(), distributed.sharding(shard):
                     out = step(batch, ctx)
                 if isinstance(out, torch.Tensor):
                     out = {"loss": out}
@@ -409,6 +474,8 @@ def train(
                     number = _number(value)
                     if number is not None:
                         logs[f"loss_{key}" if key in specs and key != "loss" else key] = number
+                if world > 1:
+                    logs = _reduce_logs(logs, shard.weight if shard else 0.0)
                 position += 1
                 loop.micro += 1
                 if loop.micro < accumulate:
@@ -449,6 +516,7 @@ def train(
                              ", ".join(f"{k}={v:.4g}" for k, v in means.items() if k != "epoch"))
             reason = (stop.check(result.history)
                       if stop is not None and min_steps <= gstep < total else None)
+            reason = distributed.broadcast_object(reason) if world > 1 else reason
             if reason:
                 result.stopped_early = reason
                 if run is not None:
@@ -462,6 +530,7 @@ def train(
             if gstep >= total:
                 break
     finally:
+        synced.close()
         for m, mode in zip(train_modules, modes, strict=True):
             m.train(mode)
     result.steps = gstep

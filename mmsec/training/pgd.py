@@ -19,6 +19,8 @@ from collections.abc import Callable
 
 import torch
 
+from ..distributed import global_rand
+
 __all__ = ["pgd"]
 
 
@@ -49,7 +51,8 @@ def pgd(
     x = x.detach()
     if random_start:
         if noise is None:
-            noise = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+            # inside a training step under torchrun: drawn for the global batch, then sliced
+            noise = (global_rand(x.shape, generator=generator) * 2 - 1) * eps
         delta = noise.to(x.device, x.dtype)
     else:
         delta = torch.zeros_like(x)

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from mmsec import CaptionTable, MmsecError, fields, losses
+from mmsec import CaptionTable, MmsecError, distributed, fields, losses
 
 from .augment import autoaugment, eda
 from .common import FineTune, FineTuneOptions, LossName
@@ -53,13 +53,18 @@ class CleanCLIP(FineTune):
     def make_step(self, student, teacher, data, run):
         o = self.options
 
-        def step(batch, ctx):
-            idx, x, _ = batch
-            gen = torch.Generator().manual_seed(run.seed_for(f"captions.{ctx.step}"))
+        def draw(idx, x, step: int):
+            gen = torch.Generator().manual_seed(run.seed_for(f"captions.{step}"))
             ids, _ = self.captions.sample(idx, torch.rand(len(idx), generator=gen))
             texts = [self.captions.texts[i] for i in ids.tolist()]
             aug_texts = [eda(t, gen) for t in texts]
-            x_aug = autoaugment(x, run.seed_for(f"images.{ctx.step}"))
+            return ids, texts, aug_texts, autoaugment(x, run.seed_for(f"images.{step}"))
+
+        def step(batch, ctx):
+            idx, x, _ = batch
+            # under torchrun: drawn for the global batch, as one process draws them
+            ids, texts, aug_texts, x_aug = distributed.on_global_batch(
+                lambda i, xs: draw(i, xs, ctx.step), idx, x)
             img = student.encode_image(torch.cat([x, x_aug]))
             txt = student.encode_text(texts + aug_texts)
             img, img_aug = img.split(len(x))
