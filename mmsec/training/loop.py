@@ -238,7 +238,7 @@ def _module_state(state: Mapping[str, nn.Module | Sequence[torch.Tensor]]
         items = obj.state_dict().items() if isinstance(obj, nn.Module) else \
             ((str(i), t) for i, t in enumerate(obj))
         for k, v in items:
-            out[f"state.{name}.{k}"] = v.detach().cpu().contiguous().clone()
+            out[f"state.{name}.{k}"] = v.detach().cpu().contiguous()
     return out
 
 
