@@ -52,6 +52,7 @@ from mmsec import (
     Plateau,
     Subset,
     VectorIndex,
+    distributed,
     encode_images,
     encode_texts,
     fields,
@@ -356,25 +357,42 @@ class _Step:
         f_adv = self.model.encode_image(adv)
         gan = F.binary_cross_entropy_with_logits(self.D(adv), real)
         mse = F.mse_loss(adv, x)
-        nce_img = info_nce(f_clean, f_adv, tau=o.tau)
+        nce_img = info_nce(f_clean, f_adv, tau=o.tau)  # (gathers the global batch itself)
         nb_clean, nb_text = k.neighbour_embeddings(rows)
-        topo_img, _ = topology_terms(k.topology, f_clean, f_adv, None, nb_clean)
+        # the topology terms are sums over the batch (and ``topology: batch`` builds the
+        # batch's own graph): under torchrun they take the global batch, so N processes
+        # train what one does
+        topo_img, _ = topology_terms(k.topology, distributed.gather(f_clean),
+                                     distributed.gather(f_adv), None, _gather_opt(nb_clean))
         text, has = k.sample_text(items, u)
         nce_txt = topo_txt = f_adv.new_zeros(())
-        if bool(has.any()):  # the image-text terms, over the items that have text
+        # every process takes the branch when any has text (the gathers are collective)
+        if _any_anywhere(has):
             sel = has.to(device)
             text = text.to(device)[sel]
-            nce_txt = info_nce(f_adv[sel], text, tau=o.tau)
+            nce_txt = info_nce(f_adv[sel], text, tau=o.tau)  # (a process may have no rows)
             _, topo_txt = topology_terms(
-                k.topology, f_clean[sel], f_adv[sel], text,
-                None if nb_clean is None else nb_clean[sel],
-                None if nb_text is None else nb_text[sel])
+                k.topology, distributed.gather(f_clean[sel]), distributed.gather(f_adv[sel]),
+                distributed.gather(text),
+                _gather_opt(None if nb_clean is None else nb_clean[sel]),
+                _gather_opt(None if nb_text is None else nb_text[sel]))
         loss = (gan + o.a * (-nce_img - o.b * nce_txt) + mse
                 + o.w * (-topo_img - o.c * topo_txt))
         return {"G": loss, "loss_D": loss_d.detach(), "gan": gan.detach(),
                 "nce_img": nce_img.detach(), "nce_txt": nce_txt.detach(),
                 "topo_img": topo_img.detach(), "topo_txt": topo_txt.detach(),
                 "mse": mse.detach()}
+
+
+def _any_anywhere(flags: torch.Tensor) -> bool:
+    """Whether any process's ``flags`` is set (this process's alone outside torchrun)."""
+    if distributed.current_shard() is None:
+        return bool(flags.any())
+    return bool(distributed.all_reduce(flags.sum().to(torch.float32)) > 0)
+
+
+def _gather_opt(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else distributed.gather(t)
 
 
 class _FoolingCheck:
