@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 __all__ = [
-    "Shard", "all_objects", "all_reduce", "barrier", "batch_size", "broadcast_object",
+    "Shard", "all_objects", "all_reduce", "any_process", "barrier", "batch_size", "broadcast_object",
     "broadcast_tensors", "current_shard", "device", "gather", "gather_rows", "global_rand",
+    "global_randn",
     "init", "is_main", "launched", "local_rank", "on_global_batch", "rank", "shard_range",
     "sharding",
     "slice_batch", "synced_batch_norm", "world_size",
@@ -281,12 +282,31 @@ def global_rand(shape: Sequence[int], generator: torch.Generator | None = None,
     """``torch.rand(shape)``, but inside a sharded step with ``shape[0]`` the local batch,
     drawn for the global batch and sliced: every process draws what one process would
     have drawn for its rows (a PGD random start, per-item noise)."""
+    return _global_draw(torch.rand, shape, generator, **kwargs)
+
+
+def global_randn(shape: Sequence[int], generator: torch.Generator | None = None,
+                 **kwargs: Any) -> torch.Tensor:
+    """:func:`global_rand` for ``torch.randn`` (per-item Gaussian noise)."""
+    return _global_draw(torch.randn, shape, generator, **kwargs)
+
+
+def _global_draw(draw: Callable[..., torch.Tensor], shape: Sequence[int],
+                 generator: torch.Generator | None, **kwargs: Any) -> torch.Tensor:
     shard = current_shard()
     shape = tuple(shape)
     if shard is None or not shape or shape[0] != shard.stop - shard.start:
-        return torch.rand(shape, generator=generator, **kwargs)
-    full = torch.rand((shard.total, *shape[1:]), generator=generator, **kwargs)
+        return draw(shape, generator=generator, **kwargs)
+    full = draw((shard.total, *shape[1:]), generator=generator, **kwargs)
     return full[shard.start:shard.stop]
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` is true on any process (``flag`` itself in one process). A step
+    that gathers only in some case asks this first, so every process joins the gather."""
+    if current_shard() is None or not init():
+        return bool(flag)
+    return bool(all_reduce(torch.tensor([float(bool(flag))]), op="max") > 0)
 
 
 def on_global_batch(fn: Callable[..., Any], *items: torch.Tensor) -> Any:

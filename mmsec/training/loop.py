@@ -150,6 +150,13 @@ class _Loop:
         if self.micro == self.accumulate - 1:
             self._step(name)
 
+    def skip(self, name: str) -> None:
+        """This process has no loss for optimiser ``name`` in this batch (its rows had none
+        of what that loss needs): under several processes it still joins the gradient
+        average at the step's end, where the others may have one (nothing alone)."""
+        if self.world > 1 and self.micro == self.accumulate - 1:
+            self._step(name)
+
     def _step(self, name: str) -> None:
         opt, spec = self.opts[name], self.specs[name]
         if self.world > 1:
@@ -464,6 +471,8 @@ def train(
                     loss = out.get(key)
                     if name not in ctx.updated and loss is not None:
                         loop.update(name, loss)
+                    elif name not in ctx.updated:
+                        loop.skip(name)
                     if name in ctx.updated or loss is not None:
                         fed.add(name)
                     elif single:

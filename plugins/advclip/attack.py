@@ -367,7 +367,7 @@ class _Step:
         text, has = k.sample_text(items, u)
         nce_txt = topo_txt = f_adv.new_zeros(())
         # every process takes the branch when any has text (the gathers are collective)
-        if _any_anywhere(has):
+        if distributed.any_process(bool(has.any())):
             sel = has.to(device)
             text = text.to(device)[sel]
             nce_txt = info_nce(f_adv[sel], text, tau=o.tau)  # (a process may have no rows)
@@ -382,13 +382,6 @@ class _Step:
                 "nce_img": nce_img.detach(), "nce_txt": nce_txt.detach(),
                 "topo_img": topo_img.detach(), "topo_txt": topo_txt.detach(),
                 "mse": mse.detach()}
-
-
-def _any_anywhere(flags: torch.Tensor) -> bool:
-    """Whether any process's ``flags`` is set (this process's alone outside torchrun)."""
-    if distributed.current_shard() is None:
-        return bool(flags.any())
-    return bool(distributed.all_reduce(flags.sum().to(torch.float32)) > 0)
 
 
 def _gather_opt(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -59,6 +59,7 @@ from mmsec import (
     Optim,
     Options,
     VectorIndex,
+    distributed,
     encode_images,
     encode_texts,
     fields,
@@ -351,7 +352,8 @@ class _Loss:
             with torch.no_grad():
                 clean = self.model.encode_image(view)
             loss = loss + _contrastive(adv, p.text_emb, own, [own_of(p, t) for t in tgt], o.tau)
-            sse = sse + (adv - clean).pow(2).sum()
+            # a sum over the batch: over the global batch under torchrun
+            sse = sse + distributed.gather((adv - clean).pow(2).sum(-1)).sum()
         total = loss - o.alpha * sse
         return {"image": total, "img_contrastive": loss.detach(), "img_sse": sse.detach()}
 
@@ -371,11 +373,28 @@ class _Loss:
         owner = torch.cat([torch.full((int(count[int(r)]),), i) for i, r in
                            enumerate(rows_cpu)])
         keep = p.position[caps_cpu] >= 0
-        if not bool(keep.any()):
+        # under torchrun the means below are over the global batch's captions: a process
+        # whose rows have none still joins the gathers (with no rows)
+        if not distributed.any_process(bool(keep.any())):
             return {}
-        caps_cpu, owner = caps_cpu[keep], owner[keep].to(p.device)
-        caps = caps_cpu.to(p.device)
         e = self.g_txt(p.image_emb[rows], p.min_norm, p.max_norm)
+        if bool(keep.any()):
+            own_t, tgt_t, sse_t = self._text_terms(e, rows, targets, caps_cpu[keep],
+                                                   owner[keep].to(p.device))
+        else:
+            own_t = tgt_t = sse_t = e.reshape(len(e), -1)[:0, 0]  # [0], in the graph
+        s_own = distributed.gather(own_t).mean()
+        s_tgt = distributed.gather(tgt_t).mean()
+        contrastive = torch.log(s_own / (s_own + s_tgt))
+        sse = distributed.gather(sse_t).sum()
+        return {"text": contrastive - o.alpha * sse, "txt_contrastive": contrastive.detach(),
+                "txt_sse": sse.detach()}
+
+    def _text_terms(self, e, rows, targets, caps_cpu, owner):
+        """Per kept caption: ``exp(cos / tau)`` to its own and to its target image, and the
+        squared distance of its adversarial embedding to the clean one."""
+        o, p = self.o, self.prep
+        caps = caps_cpu.to(p.device)
         tokens = p.tokens[caps]
         emb = self.model.token_embedding(tokens).detach()
         pos = p.position[caps_cpu].to(p.device)
@@ -390,12 +409,9 @@ class _Loss:
             cand = p.image_emb[targets]  # [T, D]
             choice = (adv.detach() @ cand.t()).argmin(1)
             tgt_img = cand[choice]
-        s_own = torch.exp((adv * own_img).sum(-1) / o.tau).mean()
-        s_tgt = torch.exp((adv * tgt_img).sum(-1) / o.tau).mean()
-        contrastive = torch.log(s_own / (s_own + s_tgt))
-        sse = (adv - clean).pow(2).sum()
-        return {"text": contrastive - o.alpha * sse, "txt_contrastive": contrastive.detach(),
-                "txt_sse": sse.detach()}
+        return (torch.exp((adv * own_img).sum(-1) / o.tau),
+                torch.exp((adv * tgt_img).sum(-1) / o.tau),
+                (adv - clean).pow(2).sum(-1))
 
 
 def own_of(p: _Prepared, row: int) -> torch.Tensor:
@@ -405,11 +421,13 @@ def own_of(p: _Prepared, row: int) -> torch.Tensor:
 
 def _contrastive(adv: torch.Tensor, text_emb: torch.Tensor, own: list[torch.Tensor],
                  tgt: list[torch.Tensor], tau: float) -> torch.Tensor:
-    """``log(S_own / (S_own + S_tgt))`` with the batch mean inside the log (official)."""
+    """``log(S_own / (S_own + S_tgt))`` with the batch mean inside the log (official); under
+    torchrun the mean is over the global batch."""
     s_own = torch.stack([torch.exp(adv[b] @ text_emb[own[b].to(adv.device)].t() / tau).sum()
-                         for b in range(len(own))]).mean()
+                         for b in range(len(own))])
     s_tgt = torch.stack([torch.exp(adv[b] @ text_emb[tgt[b].to(adv.device)].t() / tau).sum()
-                         for b in range(len(tgt))]).mean()
+                         for b in range(len(tgt))])
+    s_own, s_tgt = distributed.gather(s_own).mean(), distributed.gather(s_tgt).mean()
     return torch.log(s_own / (s_own + s_tgt))
 
 
@@ -418,10 +436,12 @@ def _scaled_views(x: torch.Tensor, eps: float, scales, noise_std: float,
     """The original (with uniform +-eps pre-noise) and each scale: Gaussian noise, resized to
     ``scale`` and back (bicubic), clamped to [0, 1]."""
     h, w = x.shape[-2:]
-    base = (x + (torch.rand(x.shape, generator=gen).to(x.device) * 2 - 1) * eps).clamp(0, 1)
+    # (per-item noise drawn as one process draws it, under torchrun too)
+    base = (x + (distributed.global_rand(x.shape, generator=gen).to(x.device) * 2 - 1)
+            * eps).clamp(0, 1)
     views = [base]
     for s in scales:
-        noisy = base + torch.randn(x.shape, generator=gen).to(x.device) * noise_std
+        noisy = base + distributed.global_randn(x.shape, generator=gen).to(x.device) * noise_std
         small = F.interpolate(noisy, size=(max(1, int(s * h)), max(1, int(s * w))),
                               mode="bicubic", align_corners=False).clamp(0, 1)
         views.append(F.interpolate(small, size=(h, w), mode="bicubic",
