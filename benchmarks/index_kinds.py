@@ -21,9 +21,13 @@ held-out queries; ``file_mb`` = ``save`` size; ``load_s`` = ``VectorIndex.load(m
 Time is CPU seconds (best of ``--repeat`` for search; one build per kind), peak memory the rise
 of the process's peak RSS during the call (see ``knn_kmeans.py``). Use ``OMP_NUM_THREADS=1``.
 
-``--sweep N1,N2,...``: exact search ms/query (200 queries) and ivf build seconds and ms/query
-at each size, and the query count from which ivf's build pays for itself (``breakeven_q``):
-the figures behind ``mmsec.search.AUTO_EXACT_MAX``.
+``--sweep N1,N2,...``: exact search ms/query (``--queries`` in one batch) and ivf build seconds
+and ms/query at each size, the query count from which ivf's build pays for itself
+(``breakeven_q``) and the CPU time of an exact kNN of every item against all (``N`` queries:
+what the cache's self-kNN, AdvCLIP's topology graph and SCAN do): the figures behind
+``mmsec.search.AUTO_EXACT_MAX``. Keep ``--queries`` >= 250 at 512-d: faiss 1.15 searches a
+flat index without BLAS below 128,000 query floats (``distance_compute_blas_threshold``),
+about 20x slower a query.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def sweep(args: argparse.Namespace) -> list:
         gen = torch.Generator().manual_seed(args.seed)
         clusters = args.clusters_arg or max(1, n // 10)
         x, centres = mixture(n, args.dim, clusters, args.spread, gen)
-        q, _ = mixture(200, args.dim, clusters, args.spread, gen, centres)
+        q, _ = mixture(args.queries, args.dim, clusters, args.spread, gen, centres)
         exact = VectorIndex(x, backend="faiss-cpu", kind="exact")
         e = measure(lambda exact=exact, q=q: exact.knn(q, 10), args.repeat)
         truth = exact.knn(q, 10)[1]

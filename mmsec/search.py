@@ -56,6 +56,7 @@ _NPROBES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 _EF_SEARCH = (16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 _CALIB_QUERIES = 256
 _IVF_TRAIN_PER_LIST = 50  # training sample per inverted list (FAISS warns below 39)
+_ADD_BLOCK = 1 << 16  # rows normalised and added to an ivf/hnsw index at a time
 
 _FAISS_GPU_MAX_K = 2048
 _BLOCK_ELEMS = 1 << 25  # similarity block budget for the torch backend (128 MiB of float32)
@@ -181,7 +182,7 @@ def _resolve_kind(kind: str, backend: str, n: int, exact_max: int | None) -> str
         return "exact"
     if kind == "auto":
         limit = AUTO_EXACT_MAX if exact_max is None else int(exact_max)
-        return "exact" if n <= limit else AUTO_APPROX_KIND
+        return "exact" if n <= limit or n < 2 else AUTO_APPROX_KIND
     if kind != "exact" and n < 2:
         raise UsageError(f"index kind {kind!r} needs at least 2 vectors to build on, got {n}")
     return kind
@@ -285,31 +286,32 @@ class VectorIndex:
         self.add(x)
 
     def _build_approx(self, vectors: torch.Tensor, recall: float, seed: int) -> None:
-        """Build, train and tune the ivf or hnsw FAISS index over ``vectors``."""
+        """Build, train and tune the ivf or hnsw FAISS index over ``vectors``.
+
+        Memory: the index plus the training sample and one block of normalised rows at a time
+        (the rows are normalised and added block by block, never copied whole)."""
         faiss = _import_faiss()
         assert faiss is not None
-        xs = self._prep(vectors, torch.device("cpu")).numpy()
-        n = xs.shape[0]
+        n = int(vectors.shape[0])
         rng = np.random.default_rng(seed)
         if self.kind == "ivf":
             nlist = _ivf_nlist(n)
             index = faiss.index_factory(self.dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
             m = min(n, nlist * _IVF_TRAIN_PER_LIST)
-            sample = xs if m == n else xs[np.sort(rng.choice(n, m, replace=False))]
+            rows = np.arange(n) if m == n else np.sort(rng.choice(n, m, replace=False))
             index.cp.seed = seed
             index.cp.max_points_per_centroid = max(256, _IVF_TRAIN_PER_LIST + 1)
-            index.train(sample)
-            del sample
-            index.add(xs)
+            index.train(self._block(vectors, torch.from_numpy(rows)))
             self.params = {"nlist": nlist, "train": m}
             values = [v for v in _NPROBES if v < nlist] + [nlist]
         else:
             index = faiss.IndexHNSWFlat(self.dim, HNSW_M, faiss.METRIC_INNER_PRODUCT)
-            index.add(xs)
             self.params = {"M": HNSW_M, "efConstruction": int(index.hnsw.efConstruction)}
             values = list(_EF_SEARCH)
+        for start in range(0, n, _ADD_BLOCK):
+            index.add(self._block(vectors, slice(start, start + _ADD_BLOCK)))
         self._cpu_index = index
-        name, got = self._tune(xs, values, recall, rng)
+        name, got = self._tune(vectors, values, recall, rng)
         self.params[name] = _get_param(index, name)
         self.params["recall@10"] = round(got, 4)
         if self.backend == "faiss-gpu" and self.kind == "ivf":
@@ -317,19 +319,35 @@ class VectorIndex:
         else:
             self._faiss_index = index
 
-    def _tune(self, xs: np.ndarray, values: list[int], recall: float,
+    def _block(self, vectors: torch.Tensor, rows: slice | torch.Tensor) -> np.ndarray:
+        """``vectors[rows]`` as contiguous float32 on the CPU, normalised when asked."""
+        return self._prep(vectors[rows], torch.device("cpu")).numpy()
+
+    def _tune(self, vectors: torch.Tensor, values: list[int], recall: float,
               rng: np.random.Generator) -> tuple[str, float]:
         """Set the smallest nprobe/efSearch in ``values`` reaching ``recall`` (recall@10 of
         database rows as queries, each row's own hit left out); returns (name, recall)."""
         name = "nprobe" if self.kind == "ivf" else "efSearch"
-        n = xs.shape[0]
+        n = int(vectors.shape[0])
         m = min(_CALIB_QUERIES, n)
         rows = np.sort(rng.choice(n, m, replace=False))
-        q = np.ascontiguousarray(xs[rows])
+        q = self._block(vectors, torch.from_numpy(rows))
         kk = min(11, n)
-        _, truth = _torch_topk(torch.from_numpy(xs), torch.from_numpy(q), kk, True)
+        qt = torch.from_numpy(q)
+        best_s = best_i = None
+        for start in range(0, n, _ADD_BLOCK):  # exact top-kk, block by block
+            s, i = _torch_topk(torch.from_numpy(self._block(vectors, slice(start, start
+                                                                              + _ADD_BLOCK))),
+                               qt, min(kk, n - start), True)
+            i = i + start
+            if best_s is not None and best_i is not None:
+                s, i = torch.cat([best_s, s], 1), torch.cat([best_i, i], 1)
+                s, j = s.topk(kk, dim=1, sorted=True)
+                i = i.gather(1, j)
+            best_s, best_i = s, i
+        assert best_i is not None
         truth_sets = [[int(j) for j in t if j != r][: kk - 1] for t, r in
-                      zip(truth.tolist(), rows.tolist(), strict=True)]
+                      zip(best_i.tolist(), rows.tolist(), strict=True)]
         got = 1.0
         for v in values:
             _set_param(self._cpu_index, name, v)
