@@ -48,7 +48,7 @@ def _nearest_distances(queries: torch.Tensor, db: torch.Tensor, *, same: bool) -
     ``[q, 1]`` the score is ``-(|q - b|^2 - |q|^2) / 2``, so the largest is the nearest."""
     q = torch.cat([queries, torch.ones(len(queries), 1, dtype=queries.dtype)], 1)
     b = torch.cat([db, -0.5 * (db * db).sum(1, keepdim=True)], 1)
-    index = VectorIndex(b, normalize=False, device="cpu")
+    index = VectorIndex(b, normalize=False, device="cpu", kind="exact")  # a metric: exact
     scores, idx = index.knn(q, 2 if same else 1)
     if same:  # the nearest is the point itself unless an exact duplicate came first
         own = torch.arange(len(queries))

@@ -861,9 +861,12 @@ class EmbeddingCache:
 
     def index(
         self, fingerprint: str, kind: str, keys: Sequence[str], backend: str | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str | None = None, index_kind: str = "auto",
     ) -> VectorIndex:
         """Build a ``VectorIndex`` over the cached vectors of ``keys`` (row i = ``keys[i]``).
+
+        ``index_kind`` is the index's ``kind`` (``auto``: exact up to
+        ``mmsec.search.AUTO_EXACT_MAX`` vectors, then approximate; ``exact`` for exact results).
 
         Raises ``KeyError`` when some keys are not cached (use ``encode`` first).
         """
@@ -871,7 +874,7 @@ class EmbeddingCache:
         missing = len(found) - sum(found)
         if missing or vectors is None:
             raise KeyError(f"{missing} of {len(found)} keys are not cached in {fingerprint}/{kind}")
-        return VectorIndex(vectors, backend=backend, device=device)
+        return VectorIndex(vectors, backend=backend, device=device, kind=index_kind)
 
     # ---- maintenance
 

@@ -146,7 +146,7 @@ def test_knn_neighbours_never_include_the_item_itself():
 
     emb = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
     emb[1] = emb[0]  # a duplicate may rank before the item itself
-    nb = _neighbours(VectorIndex(emb), emb[:10], torch.arange(10), 4)
+    nb = _neighbours(VectorIndex(emb, kind="exact"), emb[:10], torch.arange(10), 4)
     assert nb.shape == (10, 4)
     assert not (nb == torch.arange(10)[:, None]).any()
     assert 1 in nb[0].tolist() and 0 in nb[1].tolist()

@@ -518,7 +518,7 @@ BACKEND_PARAMS = [
 def test_knn_matches_brute_force(backend: str) -> None:
     g = torch.Generator().manual_seed(0)
     db, q = torch.randn(500, 32, generator=g), torch.randn(37, 32, generator=g)
-    index = VectorIndex(db, backend=backend)
+    index = VectorIndex(db, backend=backend, kind="exact")
     assert index.backend == backend and index.ntotal == 500 and index.dim == 32
     sims, idx = index.knn(q, 10)
     assert sims.shape == (37, 10) and idx.shape == (37, 10) and idx.dtype == torch.long
@@ -540,8 +540,8 @@ def test_knn_matches_brute_force(backend: str) -> None:
 def test_faiss_and_torch_agree() -> None:
     g = torch.Generator().manual_seed(1)
     db, q = torch.randn(2000, 64, generator=g), torch.randn(100, 64, generator=g)
-    a = VectorIndex(db, backend="faiss-cpu")
-    b = VectorIndex(db, backend="torch")
+    a = VectorIndex(db, backend="faiss-cpu", kind="exact")
+    b = VectorIndex(db, backend="torch", kind="exact")
     sa, ia = a.knn(q, 20)
     sb, ib = b.knn(q, 20)
     assert torch.equal(ia, ib) and torch.allclose(sa, sb, atol=1e-5)
@@ -567,7 +567,7 @@ def test_range_search_matches_brute_force(backend: str) -> None:
     db, q = torch.randn(400, 8, generator=g), torch.randn(12, 8, generator=g)
     db[17] = q[0] * 3.0  # exact duplicate direction: similarity 1 must be included at 1.0 - eps
     threshold = 0.6
-    index = VectorIndex(db, backend=backend)
+    index = VectorIndex(db, backend=backend, kind="exact")
     results = index.range_search(q, threshold)
     ref = brute_force(db, q)
     assert len(results) == 12
@@ -669,7 +669,7 @@ def test_faiss_index_normalises_in_its_own_storage() -> None:
     x = torch.randn(400, 8, generator=g) * 3
     x[5] = 0.0  # a zero row stays zero, as with F.normalize
     before = x.clone()
-    index = VectorIndex(x, backend="faiss-cpu")
+    index = VectorIndex(x, backend="faiss-cpu", kind="exact")
     assert torch.equal(x, before)
     assert torch.allclose(index._torch_db(), torch.nn.functional.normalize(x, dim=1),
                           atol=1e-6, rtol=0)
@@ -678,7 +678,7 @@ def test_faiss_index_normalises_in_its_own_storage() -> None:
     assert len(index) == 407
     assert torch.allclose(index._torch_db()[400:],
                           torch.nn.functional.normalize(more.float(), dim=1), atol=1e-6, rtol=0)
-    exact = VectorIndex(torch.cat([x, more.float()]), backend="torch")
+    exact = VectorIndex(torch.cat([x, more.float()]), backend="torch", kind="exact")
     q = torch.randn(20, 8, generator=g)
     assert torch.equal(index.knn(q, 5)[1], exact.knn(q, 5)[1])
 

@@ -298,6 +298,8 @@ class _Constants:
                 if pool == "sample" else encode_images(model, data, run.cache)
             own = torch.arange(len(train_idx)) if pool == "sample" else train_idx
             clean_train = clean_pool[own]
+            # the topology graph tolerates approximate neighbours: kind "auto" (exact up to
+            # mmsec.search.AUTO_EXACT_MAX pool items, then IVF tuned to recall@10 >= 0.95)
             index = VectorIndex(clean_pool, device=model.device)
             at = _neighbours(index, clean_train, own, k)  # [N_train, k] positions in the pool
             self.neighbours = items[at]

@@ -267,7 +267,8 @@ class _Prepared:
         self.text_emb = encode_texts(model, captions.texts, run.cache).to(self.device)
         # each training item's mean caption embedding (the condition and the target space)
         self.item_text = captions.mean_embedding(items, self.text_emb.cpu()).to(self.device)
-        index_text = VectorIndex(self.item_text, device=self.device)
+        # farthest-item targets as the paper defines them: exact search (kind="exact")
+        index_text = VectorIndex(self.item_text, device=self.device, kind="exact")
         _, far = index_text.farthest(self.image_emb, 1)
         self.farthest_item = far[:, 0].to(self.device)  # [N] row of each image's target
         self.use_text = use_text
@@ -286,13 +287,13 @@ class _Prepared:
         norms = vocab_emb.norm(dim=-1)
         self.min_norm, self.max_norm = float(norms.min()), float(norms.max())
         self.word_width = int(table.shape[1])
-        self.vocab_index = VectorIndex(vocab_emb, device=self.device)
+        self.vocab_index = VectorIndex(vocab_emb, device=self.device, kind="exact")
         # caption slots: the important word of each caption -> a placeholder token position
         spans = important_words(model, captions.texts)
         holders = placeholder_words(self.vocab_words)
         self.tokens, self.position = substitution_slots(model, captions.texts, spans, holders)
         self.tokens = self.tokens.to(self.device)
-        index_img = VectorIndex(self.image_emb, device=self.device)
+        index_img = VectorIndex(self.image_emb, device=self.device, kind="exact")
         _, far_img = index_img.farthest(self.text_emb, 1)
         self.farthest_image_of_text = far_img[:, 0].to(self.device)
         rng = torch.Generator().manual_seed(run.seed_for("vocabulary_sample"))
