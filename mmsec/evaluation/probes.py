@@ -57,7 +57,7 @@ def zero_shot(view: View) -> dict[str, Any] | None:
 def _bank_index(view: View) -> VectorIndex:
     t = view.task
     if "bank_index" not in t.memo:
-        t.memo["bank_index"] = VectorIndex(t.bank[0], device=t.device)
+        t.memo["bank_index"] = VectorIndex(t.bank[0], device=t.device, kind="exact")
     return t.memo["bank_index"]
 
 
