@@ -119,7 +119,7 @@ def short_implants(registry, tmp_path_factory):
     SIG: at 150 steps (ASR 98%) the target's lead (1.68, L-inf probe) tied with a natural
     patch sink's ("ring", 1.74) and was missed; at 250 it leads 2.27 to 1.58. BadNets: the
     decoy-trained 6-px code is found from about 1 random start of the patch probe in 3,
-    hence the probe's 16 starts per place, halved by training loss (probes.py)."""
+    hence ``probe_patch_starts`` 16, halved by training loss (probes.py)."""
     model = load_model(device="cpu")
     train = load_dataset("procedural", split="train", n=3000)
     out = {}
@@ -168,9 +168,10 @@ def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, shor
 @pytest.mark.slow
 def test_probes_find_a_short_badnets_implant_on_embedded_model(registry, tmp_path,
                                                                short_implants):
-    """``simulator: auto`` (defaults, identification only) finds the target of a short
-    BadNets implant: a 6-px code at the bottom-right corner, trained with decoys (other
-    codes at the same place, true captions), so only the exact code fires it."""
+    """``simulator: auto`` with 16 patch starts per place (identification only) finds the
+    target of a short BadNets implant: a 6-px code at the bottom-right corner, trained with
+    decoys (other codes at the same place, true captions), so only the exact code fires
+    it. One start (the default) finds it for about half of the probe seeds."""
     victim, spec, path = short_implants("badnets")
     test = load_dataset("procedural", split="test", n=500)
     x, y = load_images(test, range(len(test)))
@@ -181,7 +182,7 @@ def test_probes_find_a_short_badnets_implant_on_embedded_model(registry, tmp_pat
 
     clean = load_dataset("procedural", split="train", n=1000, seed=1)
     with run_context(tmp_path / "defend", registry, trigger=path) as run:
-        InverTune({"stages": "identify"}).apply(victim, clean, run)
+        InverTune({"stages": "identify", "probe_patch_starts": 16}).apply(victim, clean, run)
         metrics = dict(run.metrics)
     ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
     print("badnets ranking:", [(r["name"], round(r["lead"], 2), r["family"]) for r in ranking])

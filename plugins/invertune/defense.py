@@ -83,9 +83,10 @@ class InverTune(Defense):
         probe_patch_grid: int = Field(2, ge=1, le=8, description="auto: patch places per side "
                                                                  "(and the centre)")
         probe_patch_starts: int = Field(
-            16, ge=1, le=64, description="auto: random starts per patch place, halved by "
-                                         "training loss until one is left (a decoy-trained "
-                                         "BadNets code is found from 1 start in 3)")
+            1, ge=1, le=64, description="auto: random starts per patch place, halved by "
+                                        "training loss until one is left; 16 finds a "
+                                        "decoy-trained BadNets code reliably, but also "
+                                        "lifts natural patch sinks (see probes.py)")
         probe_eps: float = fields.eps(16 / 255, "auto: additive probe's L-inf budget")
         probe_warp_strength: float = Field(0.1, gt=0, le=0.5,
                                            description="auto: warp probe's largest "
