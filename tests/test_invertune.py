@@ -112,22 +112,30 @@ def _ca_asr(model, x, y, spec, head, target):
 
 @pytest.fixture(scope="module")
 def short_implants(registry, tmp_path_factory):
-    """A short SIG implant on the embedded model (3,000 training items, 250 steps; the
-    backdoor plugin's defaults otherwise). At 150 steps (ASR 98%) the target's lead (1.68,
-    L-inf probe) tied with a natural patch sink's ("ring", 1.74) and was missed; at 250 it
-    leads 2.27 to 1.58."""
+    """Short implants on the embedded model (3,000 training items, 250 steps; the backdoor
+    plugin's defaults otherwise, decoys included), each trained the first time a test asks
+    for it: ``short_implants("sig")`` -> ``(model, artifact, path)``.
+
+    SIG: at 150 steps (ASR 98%) the target's lead (1.68, L-inf probe) tied with a natural
+    patch sink's ("ring", 1.74) and was missed; at 250 it leads 2.27 to 1.58. BadNets: the
+    decoy-trained 6-px code is found from about 1 random start of the patch probe in 3,
+    hence ``probe_patch_starts`` 16, halved by training loss (probes.py)."""
     model = load_model(device="cpu")
     train = load_dataset("procedural", split="train", n=3000)
     out = {}
-    for trigger in ("sig",):
-        tmp = tmp_path_factory.mktemp(trigger)
-        attack = Backdoor({"trigger": trigger, "epochs": 3, "batch_size": 128,
-                           "train_items": 3000, "eval_items": 0, "min_steps": 250})
-        with run_context(tmp / "implant", registry, "attack", "backdoor") as run:
-            fitted = attack.fit(model, train, run)
-        fitted.artifact.save(tmp / "backdoor.safetensors")
-        out[trigger] = (fitted.model, fitted.artifact, tmp / "backdoor.safetensors")
-    return out
+
+    def get(trigger):
+        if trigger not in out:
+            tmp = tmp_path_factory.mktemp(trigger)
+            attack = Backdoor({"trigger": trigger, "epochs": 3, "batch_size": 128,
+                               "train_items": 3000, "eval_items": 0, "min_steps": 250})
+            with run_context(tmp / "implant", registry, "attack", "backdoor") as run:
+                fitted = attack.fit(model, train, run)
+            fitted.artifact.save(tmp / "backdoor.safetensors")
+            out[trigger] = (fitted.model, fitted.artifact, tmp / "backdoor.safetensors")
+        return out[trigger]
+
+    return get
 
 
 @pytest.mark.slow
@@ -135,7 +143,7 @@ def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, shor
     """Implant (backdoor plugin, short schedule) -> InverTune with its defaults (no simulator
     and no target given: the probes identify it) -> CA/ASR with the real trigger, which the
     defense never sees."""
-    victim, spec, path = short_implants["sig"]
+    victim, spec, path = short_implants("sig")
     test = load_dataset("procedural", split="test", n=500)
     x, y = load_images(test, range(len(test)))
     head = victim.zero_shot_head(test.classnames, test.templates)
@@ -155,6 +163,33 @@ def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, shor
     ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
     assert ranking[0]["class"] == target
     assert (tmp_path / "defend" / "artifacts" / "real-trigger.png").exists()
+
+
+@pytest.mark.slow
+def test_probes_find_a_short_badnets_implant_on_embedded_model(registry, tmp_path,
+                                                               short_implants):
+    """``simulator: auto`` with 16 patch starts per place (identification only) finds the
+    target of a short BadNets implant: a 6-px code at the bottom-right corner, trained with
+    decoys (other codes at the same place, true captions), so only the exact code fires
+    it. One start (the default) finds it for about half of the probe seeds."""
+    victim, spec, path = short_implants("badnets")
+    test = load_dataset("procedural", split="test", n=500)
+    x, y = load_images(test, range(len(test)))
+    head = victim.zero_shot_head(test.classnames, test.templates)
+    target = spec.meta["target"]
+    _, asr = _ca_asr(victim, x, y, spec, head, target)
+    assert asr > 0.7, f"the short implant did not take (ASR {asr:.2f})"
+
+    clean = load_dataset("procedural", split="train", n=1000, seed=1)
+    with run_context(tmp_path / "defend", registry, trigger=path) as run:
+        InverTune({"stages": "identify", "probe_patch_starts": 16}).apply(victim, clean, run)
+        metrics = dict(run.metrics)
+    ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
+    print("badnets ranking:", [(r["name"], round(r["lead"], 2), r["family"]) for r in ranking])
+    assert metrics["identified_target"] == target and metrics["target_identified"] == 1.0
+    assert ranking[0]["family"] == "patch" and ranking[0]["rate_patch"] > 0.9
+    assert metrics["target_confident"] == 1.0
+    assert metrics["target_lead"] >= metrics["target_lead_second"] + 0.5, metrics
 
 
 def test_the_simulator_runs_in_its_own_child_run(registry, tmp_path):

@@ -82,6 +82,11 @@ class InverTune(Defense):
                                                                      "/ shorter image side")
         probe_patch_grid: int = Field(2, ge=1, le=8, description="auto: patch places per side "
                                                                  "(and the centre)")
+        probe_patch_starts: int = Field(
+            1, ge=1, le=64, description="auto: random starts per patch place, halved by "
+                                        "training loss until one is left; 16 finds a "
+                                        "decoy-trained BadNets code reliably, but also "
+                                        "lifts natural patch sinks (see probes.py)")
         probe_eps: float = fields.eps(16 / 255, "auto: additive probe's L-inf budget")
         probe_warp_strength: float = Field(0.1, gt=0, le=0.5,
                                            description="auto: warp probe's largest "
@@ -344,10 +349,12 @@ class InverTune(Defense):
             run.save_image("probe-patch", _on_grey(found, h, w), scale=8, report=True)
         return ranked, found, fam_of[top] or None
 
-    def _probe(self, family: str, h: int, w: int, gen: torch.Generator) -> nn.Module:
+    def _probe(self, family: str, h: int, w: int, gen: torch.Generator,
+               starts: int | None = None) -> nn.Module:
         o = self.options
         if family == "patch":
-            return probes.PatchProbe(h, w, o.probe_patch_side, o.probe_patch_grid, gen)
+            return probes.PatchProbe(h, w, o.probe_patch_side, o.probe_patch_grid, gen,
+                                    starts or o.probe_patch_starts)
         if family == "additive":
             return probes.AdditiveProbe(h, w, o.probe_eps)
         return probes.WarpProbe(h, w, o.probe_warp_grid, o.probe_warp_strength, gen)
@@ -362,7 +369,7 @@ class InverTune(Defense):
         share = torch.bincount(clean, minlength=c).float() / len(clean)
         lists = []
         for fam in o.probe_families:
-            probe = self._probe(fam, h, w, gen)
+            probe = self._probe(fam, h, w, gen, starts=1)  # untargeted: no halving
             if isinstance(probe, probes.PatchProbe):
                 probe.place = None
             probes.fit_probe(model, head, probe, None, x, x[:0], steps=o.probe_steps,

@@ -18,6 +18,20 @@ Families (each a small module holding the trigger's parameters; ``apply(x)`` map
   with decoys of other patterns at its place), 40 steps of 64 images on the trigger's
   place reached 4% with a 6-px probe, 23-100% with an 8-px one over three starts and
   58-95% with a 10-px one.
+  Whether a decoy-trained code is found depends on the *start*, not on the batches: on a
+  short implant (250 steps, the trigger at pixels 25..30), 10-px patches at the trigger's
+  place from 16 random starts reached >= 85% of held-out images in 40 steps from 5 starts
+  (the others 33-76%, drawing the class's own shape instead); one start run with three
+  batch orders ended the same way each time. Hence ``starts`` random starts per place
+  (16 in InverTune), halved by their training loss (mean over the second half of each
+  interval) at steps 8, 16, 24 and 32 of 40, with a quarter of ``batch`` images each while
+  they compete: the target then reached >= 90% for 10 of 10 probe seeds on that implant
+  and 9 of 10 on a 400-step one (one start: 4 of 7; 8 starts halved with 8 images each:
+  9/10 and 7/10; 16 starts cut to one at step 10: 6/10), at about twice the patch probe's
+  time (the halving keeps it there: all 16 starts for 40 steps would cost 4x). Not the
+  default (``probe_patch_starts`` 1): the starts lift natural patch sinks too (their patch
+  rates rose by ~0.05 on average), and on the CI's short SIG implant the sink "ring"
+  (patch) then outranked the SIG target (L-inf), which one start ranks first.
 - :class:`AdditiveProbe`: one L-inf perturbation of the whole image (``eps``): Blended and
   SIG triggers are full-image additive changes.
 - :class:`WarpProbe`: a smooth flow field (a ``grid x grid`` lattice of offsets, upsampled
@@ -32,6 +46,7 @@ triggers in [0, 1]; ``PatchProbe.patterns`` ``[L, 3, s, s]``, ``AdditiveProbe.de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,18 +60,40 @@ class PatchProbe(nn.Module):
     family = "patch"
     lr = 0.05
 
-    def __init__(self, h: int, w: int, side: float, grid: int, gen: torch.Generator) -> None:
+    def __init__(self, h: int, w: int, side: float, grid: int, gen: torch.Generator,
+                 starts: int = 1) -> None:
         super().__init__()
         self.h, self.w = h, w
         self.s = s = max(1, min(h, w, round(side * min(h, w))))
         tops = _lattice(h - s, grid)
         lefts = _lattice(w - s, grid)
-        self.places = [(t, left) for t in tops for left in lefts]
+        places = [(t, left) for t in tops for left in lefts]
         centre = ((h - s) // 2, (w - s) // 2)
-        if centre not in self.places:  # an even lattice misses the centre
-            self.places.append(centre)
+        if centre not in places:  # an even lattice misses the centre
+            places.append(centre)
+        # ``starts`` random starts per place (pattern j at place j % len(places)); fit_probe
+        # halves them by their training loss until one per place is left (:meth:`prune`)
+        self.places = places * starts
+        self.n_places = len(places)
         self.patterns = nn.Parameter(torch.rand(len(self.places), 3, s, s, generator=gen))
         self.place: int | None = None  # set: every image gets this place's patch
+
+    @property
+    def starts(self) -> int:
+        """Patterns per place still in the running."""
+        return len(self.places) // self.n_places
+
+    def prune(self, loss: torch.Tensor, keep_r: int | None = None) -> torch.Tensor:
+        """Keep the better half of the starts of each place by ``loss`` (one per pattern,
+        lower is better); returns the kept patterns' indices (in the new order)."""
+        r = self.starts
+        keep_r = max(1, r // 2) if keep_r is None else keep_r
+        per_place = loss.detach().cpu().view(r, self.n_places)  # [start, place]
+        order = per_place.argsort(0)[:keep_r]  # best starts of each place
+        keep = (order * self.n_places + torch.arange(self.n_places)).reshape(-1)
+        self.places = self.places[:keep_r * self.n_places]
+        self.patterns = nn.Parameter(self.patterns.detach()[keep.to(self.patterns.device)])
+        return keep
 
     def project(self) -> None:
         with torch.no_grad():
@@ -82,7 +119,7 @@ class PatchProbe(nn.Module):
 
     def groups(self, n: int) -> list[torch.Tensor]:
         """Index sets of a batch of ``n``: which images got which place in :meth:`forward`."""
-        return [torch.arange(k, n, len(self.places)) for k in range(len(self.places))]
+        return [torch.arange(k, max(k, n), len(self.places)) for k in range(len(self.places))]
 
 
 class AdditiveProbe(nn.Module):
@@ -176,19 +213,42 @@ def fit_probe(model, head: torch.Tensor, probe: nn.Module, target: int | None,
     device = model.device
     probe.to(device)
     opt = torch.optim.Adam(probe.parameters(), lr=probe.lr)
-    batch *= len(getattr(probe, "places", [None])) if getattr(probe, "place", None) is None else 1
-    for _ in range(steps):
-        sel = torch.randint(0, len(train_x), (min(batch, len(train_x)),), generator=gen)
+    patch = isinstance(probe, PatchProbe) and probe.place is None
+    # several starts per place: halve them at evenly spread steps, by their training loss
+    # over the second half of each interval, until one per place is left
+    halvings = math.ceil(math.log2(probe.starts)) if patch and probe.starts > 1 else 0
+    cuts = sorted({max(1, round(steps * (i + 1) / (halvings + 1))) for i in range(halvings)})
+    since, seen = 0, []
+    for step in range(steps):
+        per = batch
+        if patch:  # each pattern gets ``batch`` images, a quarter as many while starts compete
+            per = (max(1, batch // 4) if probe.starts > 1 else batch) * len(probe.places)
+        sel = torch.randint(0, len(train_x), (min(per, len(train_x)),), generator=gen)
         xb = train_x[sel].to(device)
         logits = model.encode_image(probe(xb)) @ head.t() / temperature
         if target is None:  # float64: a confident softmax rounds to one-hot in fp32
             loss = -F.cross_entropy(logits.double(), clean[sel].to(device))
         else:
-            loss = F.cross_entropy(logits, torch.full((len(xb),), target, device=device))
+            each = F.cross_entropy(logits, torch.full((len(xb),), target, device=device),
+                                   reduction="none")
+            loss = each.mean()
+            if cuts and step >= since + (cuts[0] - since) // 2:
+                seen.append(torch.stack([each[g].mean() if len(g) else each.new_tensor(math.inf)
+                                         for g in probe.groups(len(xb))]).detach())
         opt.zero_grad(set_to_none=True)
         loss.backward(inputs=list(probe.parameters()))
         opt.step()
         probe.project()
+        if cuts and step + 1 >= cuts[0]:
+            if seen:
+                old = opt.state.get(probe.patterns, {})
+                keep = probe.prune(torch.stack(seen).mean(0))
+                opt = torch.optim.Adam(probe.parameters(), lr=probe.lr)
+                if old:  # the kept starts keep their moments
+                    opt.state[probe.patterns] = {
+                        k: (v[keep.to(v.device)] if torch.is_tensor(v) and v.dim() else v)
+                        for k, v in old.items()}
+            since, seen = cuts.pop(0), []
     if target is None or not len(test_x):
         return ProbeResult(-1 if target is None else target, probe.family, 0.0, probe)
     return ProbeResult(target, probe.family, _rate(model, head, probe, target, test_x), probe)
