@@ -52,22 +52,11 @@ def atomic_open(path: str | os.PathLike[str], mode: str = "wb") -> Iterator[IO[A
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', not {mode!r}")
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX,
-                                    dir=target.parent)
-    try:
-        os.chmod(tmp_name, 0o666 & ~UMASK)
-        with open(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(target.parent)
+    with atomic_path(path, _fsync=False) as tmp, \
+            open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:
@@ -83,7 +72,7 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], *, _fsync: bool = True) -> Iterator[Path]:
     """A temporary file name beside ``path`` for a writer that wants a name (not a handle);
     on success the file is fsynced and moved over ``path``, else removed."""
     target = Path(path)
@@ -94,11 +83,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         os.chmod(tmp_name, 0o666 & ~UMASK)
         yield Path(tmp_name)
-        fd = os.open(tmp_name, os.O_RDWR)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if _fsync:  # (atomic_open fsyncs through its own handle)
+            fd = os.open(tmp_name, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp_name, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
