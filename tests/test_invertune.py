@@ -138,20 +138,27 @@ def short_implants(registry, tmp_path_factory):
     return get
 
 
+def _short_implant(short_implants, trigger: str):
+    """A short implant, the test split's images, labels and head, the implant's target and
+    the defense's clean set (another seed); checks that the implant took."""
+    victim, spec, path = short_implants(trigger)
+    test = load_dataset("procedural", split="test", n=500)
+    x, y = load_images(test, range(len(test)))
+    head = victim.zero_shot_head(test.classnames, test.templates)
+    target = spec.meta["target"]
+    _, asr = _ca_asr(victim, x, y, spec, head, target)
+    assert asr > 0.7, f"the short {trigger} implant did not take (ASR {asr:.2f})"
+    clean = load_dataset("procedural", split="train", n=1000, seed=1)
+    return victim, spec, path, (x, y, head, target, clean)
+
+
 @pytest.mark.slow
 def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, short_implants):
     """Implant (backdoor plugin, short schedule) -> InverTune with its defaults (no simulator
     and no target given: the probes identify it) -> CA/ASR with the real trigger, which the
     defense never sees."""
-    victim, spec, path = short_implants("sig")
-    test = load_dataset("procedural", split="test", n=500)
-    x, y = load_images(test, range(len(test)))
-    head = victim.zero_shot_head(test.classnames, test.templates)
-    target = spec.meta["target"]
+    victim, spec, path, (x, y, head, target, clean) = _short_implant(short_implants, "sig")
     ca0, asr0 = _ca_asr(victim, x, y, spec, head, target)
-    assert asr0 > 0.7, f"the short implant did not take (ASR {asr0:.2f})"
-
-    clean = load_dataset("procedural", split="train", n=1000, seed=1)
     with run_context(tmp_path / "defend", registry, trigger=path) as run:
         repaired = InverTune().apply(victim, clean, run)
         metrics = dict(run.metrics)
@@ -172,15 +179,8 @@ def test_probes_find_a_short_badnets_implant_on_embedded_model(registry, tmp_pat
     target of a short BadNets implant: a 6-px code at the bottom-right corner, trained with
     decoys (other codes at the same place, true captions), so only the exact code fires
     it. One start (the default) finds it for about half of the probe seeds."""
-    victim, spec, path = short_implants("badnets")
-    test = load_dataset("procedural", split="test", n=500)
-    x, y = load_images(test, range(len(test)))
-    head = victim.zero_shot_head(test.classnames, test.templates)
-    target = spec.meta["target"]
-    _, asr = _ca_asr(victim, x, y, spec, head, target)
-    assert asr > 0.7, f"the short implant did not take (ASR {asr:.2f})"
-
-    clean = load_dataset("procedural", split="train", n=1000, seed=1)
+    victim, spec, path, (x, y, head, target, clean) = _short_implant(short_implants,
+                                                                    "badnets")
     with run_context(tmp_path / "defend", registry, trigger=path) as run:
         InverTune({"stages": "identify", "probe_patch_starts": 16}).apply(victim, clean, run)
         metrics = dict(run.metrics)
