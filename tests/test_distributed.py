@@ -163,12 +163,15 @@ def test_cpgc_under_two_processes_equals_one_process(tmp_path):
                for k in first[0]), first
 
 
-def test_eval_under_two_processes_equals_one_process(uap_runs, tmp_path):
+def test_eval_under_two_processes_equals_one_process(uap_runs, tmp_path, monkeypatch):
     args = ["eval", "--limit", "48", "--knn-bank", "40", "-q", "--attack-artifact",
             str(uap_runs / "one" / "artifacts" / "uap.safetensors")]
-    # two processes first: the kNN bank is not cached yet, so they encode it in shards
+    # a cache of its own (the session's may hold these items from earlier tests): two
+    # processes first, so the kNN bank is not cached yet and they encode it in shards
     # (rank 0 stores it) and attack the items in shards; then one process, from the cache
-    _two(args, tmp_path / "two", tmp_path / "tmp")
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MMSEC_CACHE_DIR", str(cache))
+    _two(args, tmp_path / "two", tmp_path / "tmp", cache=cache)
     _one(args, tmp_path / "one")
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert two["images_encoded"] >= 40 and one["images_encoded"] == 0  # rank 0 stored them
