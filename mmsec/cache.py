@@ -41,7 +41,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -756,6 +756,8 @@ class EmbeddingCache:
         *,
         desc: str | None = None,
         flush_every: int = 16384,
+        flush_seconds: float | None = None,
+        stream: Callable[[list[list[int]]], Iterable[tuple[int, list[int], Any]]] | None = None,
     ) -> torch.Tensor:
         """Return the embeddings of all ``keys``, encoding only the ones not cached yet.
 
@@ -768,6 +770,15 @@ class EmbeddingCache:
             desc: label of the progress bar.
             flush_every: write a shard every this many new items (and at the end, also when
                 ``encode_fn`` raises), so an interrupted run keeps its progress.
+            flush_seconds: also write one when this many seconds have passed since the last
+                (None: by count only); a killed run loses at most that much work.
+            stream: instead of calling ``encode_fn`` batch by batch, hand it the planned
+                batches (lists of missing positions, in order) and take what it yields:
+                ``(done, positions, vectors)`` with ``positions`` the ones of a batch it
+                encoded (a subset, when it had to skip items) and ``done`` how many planned
+                items that step covers. It may load the next batches while one is encoded
+                (a DataLoader). Items it never yields are neither cached nor counted, and
+                their rows (and those of repeats of their keys) are NaN.
 
         Returns:
             float32 CPU tensor [N, D], row i for ``keys[i]``.
@@ -786,8 +797,11 @@ class EmbeddingCache:
 
         dim = cached.shape[1] if cached is not None else None
         out: torch.Tensor | None = None
+        # rows of items a stream skips stay NaN
+        blank = torch.empty if stream is None else functools.partial(torch.full,
+                                                                     fill_value=float("nan"))
         if cached is not None:
-            out = torch.empty(n, dim, dtype=torch.float32)
+            out = blank((n, dim), dtype=torch.float32)
             out[torch.tensor(found, dtype=torch.bool)] = cached
         if not todo:
             return out if out is not None else torch.zeros(0, self.dim(fingerprint, kind) or 0)
@@ -804,15 +818,24 @@ class EmbeddingCache:
                 pending_vecs.clear()
                 pending = 0
 
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        if stream is None:
+            steps: Iterable[tuple[int, list[int], Any]] = (
+                (len(idx), idx, encode_fn(list(idx))) for idx in batches)
+        else:
+            steps = stream(batches)
         bar = progress_bar(total=len(todo), desc=desc or f"encode {kind}", unit="item",
                            enabled=progress)
+        last = time.monotonic()
         try:
-            for start in range(0, len(todo), batch_size):
-                idx = todo[start : start + batch_size]
-                vecs = _as_matrix(encode_fn(list(idx)), len(idx))
+            for done, idx, raw in steps:
+                if not idx:
+                    bar.update(done)
+                    continue
+                vecs = _as_matrix(raw, len(idx))
                 if dim is None:
                     dim = vecs.shape[1]
-                    out = torch.empty(n, dim, dtype=torch.float32)
+                    out = blank((n, dim), dtype=torch.float32)
                 elif vecs.shape[1] != dim:
                     raise ValueError(
                         f"encode_fn returned dimension {vecs.shape[1]}, expected {dim}"
@@ -826,13 +849,19 @@ class EmbeddingCache:
                 pending_keys.extend(keys[i] for i in idx)
                 pending_vecs.append(vecs)
                 pending += len(idx)
-                if pending >= flush_every:
+                if pending >= flush_every or (flush_seconds is not None
+                                              and time.monotonic() - last >= flush_seconds):
                     flush()
-                bar.update(len(idx))
+                    last = time.monotonic()
+                bar.update(done)
         finally:
             bar.close()
+            close = getattr(steps, "close", None)
+            if close is not None:  # a generator: stop its loader (worker processes) now
+                close()
             flush()
-        assert out is not None
+        if out is None:  # the stream skipped every missing item
+            out = blank((n, self.dim(fingerprint, kind) or 0), dtype=torch.float32)
         # repeated keys: copy the row of their first occurrence
         for i, k in enumerate(keys):
             j = first.get(k)
