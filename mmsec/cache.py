@@ -1067,8 +1067,8 @@ class EmbeddingCache:
         """
         targets: list[Path]
         if fingerprint is None and kind is None:
-            # everything: the embeddings and the procedural data memo
-            targets = [self.directory, self.root / "procedural"]
+            # everything: the embeddings, the procedural data memo and the file-scan memos
+            targets = [self.directory, self.root / "procedural", self.root / "scan"]
         else:
             pairs = self._namespaces(fingerprint, kind)
             if kind is None and fingerprint is not None:

@@ -3,6 +3,16 @@
 Every file is read and fully decoded once when a dataset is built (in a thread pool), so
 corrupt or truncated images are left out (``skipped``, each one with its reason in
 ``skipped_items``) before ``len()`` is fixed; with ``strict=True`` the first one raises.
+
+What a scan found is kept on disk too, per data source, under
+``<cache dir>/scan/<hash of the source>.jsonl`` (one line per file: resolved path, byte size,
+``mtime_ns`` -> SHA-1, pixel size, format, error), so building a dataset of a big folder
+again (a run resumed after a kill) stats the files instead of decoding them all. The memo is
+written atomically; it is used only when its checksum holds, and only for files whose size
+and ``mtime_ns`` are unchanged; a few of its hits are hashed again each time, and one that
+differs discards the whole memo (with a warning). Files modified in the last
+:data:`MEMO_SETTLE_S` seconds are not written to it: a file rewritten within the clock's
+granularity could otherwise keep its size and mtime. ``MMSEC_SCAN_MEMO=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -11,6 +21,8 @@ import hashlib
 import io
 import logging
 import os
+import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +99,124 @@ def _scan_file(path: Path) -> _FileInfo:
     return info
 
 
+MEMO_FORMAT = "mmsec-scan-memo-v1"
+#: files modified less than this many seconds ago are not memoised on disk (see module doc)
+MEMO_SETTLE_S = 2.0
+#: memo hits hashed again on every use: one that differs discards the memo
+MEMO_SPOT_CHECKS = 4
+
+
+def _memo_path(source: str) -> Path | None:
+    """Where the on-disk scan memo of ``source`` lives (None: turned off)."""
+    if os.environ.get("MMSEC_SCAN_MEMO", "1").strip() in ("0", "off", "false", "no"):
+        return None
+    from ..cache import default_cache_dir
+
+    name = hashlib.sha1(source.encode("utf-8", "surrogateescape")).hexdigest()[:20]
+    return default_cache_dir() / "scan" / f"{name}.jsonl"
+
+
+def _memo_load(path: Path | None) -> dict[tuple[str, int, int], _FileInfo]:
+    """The on-disk memo at ``path``: {} when there is none or it does not check out (a
+    warning then says why; the files are simply scanned again)."""
+    import json
+
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = path.read_bytes()
+        head, _, body = data.partition(b"\n")
+        header = json.loads(head)
+        if not isinstance(header, dict) or header.get("format") != MEMO_FORMAT:
+            raise ValueError("not an mmsec scan memo")
+        if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+            raise ValueError("checksum mismatch")
+        out = {}
+        for line in body.splitlines():
+            key, sha1, width, height, fmt, error = _memo_row(json.loads(line))
+            out[key] = _FileInfo(sha1=sha1, size=(width, height), error=error, format=fmt)
+        if len(out) != header.get("count"):
+            raise ValueError("entry count does not match its header")
+        return out
+    except (OSError, ValueError, TypeError, RecursionError) as exc:
+        log.warning("ignoring the scan memo %s (%s): scanning the files again", path,
+                    _reason(exc))
+        return {}
+
+
+def _memo_row(row: object) -> tuple[tuple[str, int, int], str, int, int, str, str]:
+    """One memo line, type-checked: ((path, size, mtime_ns), sha1, width, height, format,
+    error); ``ValueError`` when it is not one."""
+    if not isinstance(row, list) or len(row) != 8:
+        raise ValueError("malformed entry")
+    path, size, mtime, sha1, width, height, fmt, error = row
+    ints = (size, mtime, width, height)
+    if not isinstance(path, str) or not all(type(v) is int for v in ints) \
+            or not all(isinstance(v, str) for v in (sha1, fmt, error)) \
+            or not (error or re.fullmatch(r"[0-9a-f]{40}", sha1)):
+        raise ValueError("malformed entry")
+    return (path, size, mtime), sha1, width, height, fmt, error
+
+
+def _memo_save(path: Path, memo: dict[tuple[str, int, int], _FileInfo]) -> None:
+    """Write ``memo`` to ``path`` atomically (header line: format, count, sha256 of the
+    rest). A failure to write only costs the next run a scan."""
+    import json
+
+    from ..io import write_atomic
+
+    body = "".join(json.dumps([k[0], k[1], k[2], v.sha1, v.size[0], v.size[1], v.format,
+                               v.error], ensure_ascii=False) + "\n"
+                   for k, v in memo.items()).encode("utf-8", "surrogateescape")
+    header = {"format": MEMO_FORMAT, "count": len(memo),
+              "sha256": hashlib.sha256(body).hexdigest()}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(header).encode() + b"\n" + body)
+    except OSError as exc:
+        log.warning("could not write the scan memo %s: %s", path, _reason(exc))
+
+
+def _memo_trusted(memo: dict[tuple[str, int, int], _FileInfo],
+                  hits: Sequence[tuple[str, int, int]], path: Path | None) -> bool:
+    """Hash a few of the memo's hits again: False (with a warning) when one differs, i.e. the
+    memo does not describe these files (copied from elsewhere, or edited)."""
+    import random
+
+    good = [k for k in hits if not memo[k].error]
+    for key in random.sample(good, min(MEMO_SPOT_CHECKS, len(good))):
+        try:
+            sha1 = hashlib.sha1(Path(key[0]).read_bytes()).hexdigest()
+        except OSError:
+            continue  # gone since the stat: the dataset's load() reports it
+        if sha1 != memo[key].sha1:
+            log.warning("ignoring the scan memo %s: %s does not have the hash it records; "
+                        "scanning the files again", path, key[0])
+            return False
+    return True
+
+
+def forget_scans(source: str, paths: Sequence[str]) -> None:
+    """Drop ``paths`` from the scan memos (this process's, and ``source``'s on disk): files
+    that failed to load after their scan are scanned again by the next build."""
+    gone = {str(Path(p).resolve()) for p in paths}
+    for key in [k for k in _SCAN_MEMO if k[0] in gone]:
+        _SCAN_MEMO.pop(key, None)
+    memo_path = _memo_path(source)
+    memo = _memo_load(memo_path)
+    kept = {k: v for k, v in memo.items() if k[0] not in gone}
+    if memo_path is not None and len(kept) != len(memo):
+        _memo_save(memo_path, kept)
+
+
+def _memo_key(path: Path) -> tuple[str, int, int] | None:
+    try:
+        st = path.stat()
+        return str(path.resolve()), st.st_size, st.st_mtime_ns
+    except (OSError, ValueError):
+        return None
+
+
 def _reason(exc: BaseException) -> str:
     """``Type: message``, or the type alone (``MemoryError`` has no message)."""
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -100,12 +230,32 @@ def _scan_files(paths: Sequence[Path], source: str, strict: bool) -> list[_FileI
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    if len(paths) > 16:
+    memo_path = _memo_path(source)
+    memo = _memo_load(memo_path)
+    keys = [_memo_key(Path(p)) for p in paths] if memo or memo_path else [None] * len(paths)
+    hits = [k for k in keys if k is not None and k in memo]
+    if hits and not _memo_trusted(memo, hits, memo_path):
+        memo, hits = {}, []
+    for k in hits:
+        _SCAN_MEMO.setdefault(k, memo[k])
+    todo = [p for p, k in zip(paths, keys, strict=True) if k is None or k not in memo]
+    if len(todo) > 16:
         workers = min(16, os.cpu_count() or 1)
         with ThreadPoolExecutor(workers) as pool:
-            infos = list(pool.map(_scan_file, paths, chunksize=32))
+            scanned = list(pool.map(_scan_file, todo, chunksize=32))
     else:
-        infos = [_scan_file(p) for p in paths]
+        scanned = [_scan_file(p) for p in todo]
+    found = iter(scanned)
+    infos = [memo[k] if k is not None and k in memo else next(found) for k in keys]
+    if memo_path is not None:
+        settled = time.time_ns() - int(MEMO_SETTLE_S * 1e9)
+        new = {k: info for k, info in zip(keys, infos, strict=True)
+               if k is not None and k not in memo and k[2] < settled
+               and not info.error.startswith("cannot read")}
+        if new:
+            current = {k[0]: k for k in keys if k is not None}
+            kept = {k: v for k, v in memo.items() if current.get(k[0], k) == k}  # not stale
+            _memo_save(memo_path, {**kept, **new})
     bad = [(p, info.error) for p, info in zip(paths, infos, strict=True) if info.error]
     if bad and strict:
         path, why = bad[0]
