@@ -758,6 +758,7 @@ class EmbeddingCache:
         flush_every: int = 16384,
         flush_seconds: float | None = None,
         stream: Callable[[list[list[int]]], Iterable[tuple[int, list[int], Any]]] | None = None,
+        collect: bool = True,
     ) -> torch.Tensor:
         """Return the embeddings of all ``keys``, encoding only the ones not cached yet.
 
@@ -779,15 +780,23 @@ class EmbeddingCache:
                 items that step covers. It may load the next batches while one is encoded
                 (a DataLoader). Items it never yields are neither cached nor counted, and
                 their rows (and those of repeats of their keys) are NaN.
+            collect: False to only fill the cache: cached vectors are not read (only their
+                keys are looked up) and nothing is kept in memory, so a resumed encode of
+                10^6 items neither reads nor holds [N, D] floats.
 
         Returns:
-            float32 CPU tensor [N, D], row i for ``keys[i]``.
+            float32 CPU tensor [N, D], row i for ``keys[i]`` ([0, D] when not ``collect``).
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         keys = _check_keys(keys)
         n = len(keys)
-        cached, found = self.get(fingerprint, kind, keys)
+        if collect:
+            cached, found = self.get(fingerprint, kind, keys)
+        else:
+            cached, found = None, self.contains(fingerprint, kind, keys)
+            self.stats.hits += sum(found)
+            self.stats.misses += n - sum(found)
         first: dict[str, int] = {}
         todo: list[int] = []
         for i, (k, f) in enumerate(zip(keys, found, strict=True)):
@@ -835,13 +844,15 @@ class EmbeddingCache:
                 vecs = _as_matrix(raw, len(idx))
                 if dim is None:
                     dim = vecs.shape[1]
-                    out = blank((n, dim), dtype=torch.float32)
+                    out = blank((n, dim), dtype=torch.float32) if collect else \
+                        torch.zeros(0, dim)
                 elif vecs.shape[1] != dim:
                     raise ValueError(
                         f"encode_fn returned dimension {vecs.shape[1]}, expected {dim}"
                     )
                 assert out is not None
-                out[torch.tensor(idx, dtype=torch.long)] = torch.from_numpy(vecs)
+                if collect:
+                    out[torch.tensor(idx, dtype=torch.long)] = torch.from_numpy(vecs)
                 self.stats.encoded += len(idx)
                 self.stats.encoded_by_kind[kind] = self.stats.encoded_by_kind.get(kind, 0) + len(
                     idx
@@ -860,6 +871,8 @@ class EmbeddingCache:
             if close is not None:  # a generator: stop its loader (worker processes) now
                 close()
             flush()
+        if not collect:
+            return torch.zeros(0, dim or 0)
         if out is None:  # the stream skipped every missing item
             out = blank((n, self.dim(fingerprint, kind) or 0), dtype=torch.float32)
         # repeated keys: copy the row of their first occurrence

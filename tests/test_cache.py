@@ -161,6 +161,36 @@ def test_encode_repeated_keys_and_empty(cache: EmbeddingCache) -> None:
     assert cache.encode(FP, "text", [], make_encoder([], []), progress=False).shape == (0, DIM)
 
 
+def test_encode_from_a_stream_that_skips_items_and_without_collecting(
+        cache: EmbeddingCache) -> None:
+    keys = [key_of(i) for i in range(10)] + [key_of(3)]
+    cache.put(FP, "image", keys[:2], vectors_of(keys[:2]))
+    planned: list[list[int]] = []
+
+    def stream(batches: list[list[int]]):
+        planned.extend(batches)
+        for b in batches:  # item 3 "fails to load"
+            kept = [i for i in b if i != 3]
+            yield len(b), kept, torch.from_numpy(vectors_of([keys[i] for i in kept]))
+
+    out = cache.encode(FP, "image", keys, None, batch_size=4, progress=False,
+                       flush_every=3, stream=stream)
+    assert planned == [[2, 3, 4, 5], [6, 7, 8, 9]]  # only the missing ones, in order
+    assert torch.isnan(out[[3, 10]]).all() and not torch.isnan(out[:3]).any()
+    assert torch.equal(out[4:10], torch.from_numpy(vectors_of(keys[4:10])))
+    assert cache.stats.encoded == 7 and len(shards(cache)) == 3  # 1 put + flushes of 3 and 4
+    assert cache.contains(FP, "image", keys) == [True] * 3 + [False] + [True] * 6 + [False]
+
+    calls: list[list[int]] = []
+    more = keys + [key_of(20)]
+    small = cache.encode(FP, "image", more, make_encoder(more, calls), progress=False,
+                         collect=False)
+    assert small.shape == (0, DIM) and calls == [[3, 11]]
+    assert all(cache.contains(FP, "image", more))
+    assert cache.encode(FP, "image", more, make_encoder(more, calls), progress=False,
+                        collect=False).shape == (0, DIM) and calls == [[3, 11]]
+
+
 def test_encode_keeps_progress_when_encoder_fails(cache: EmbeddingCache) -> None:
     keys = [key_of(i) for i in range(10)]
 
