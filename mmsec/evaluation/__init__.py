@@ -7,12 +7,13 @@
 - :mod:`.pipeline`: ``Evaluation``: clean and attacked views, measured by every probe.
 """
 
-from .embed import caption_table, encode_images, encode_texts
+from .embed import EncodeReport, caption_table, encode_images, encode_texts, fill_cache
 from .pipeline import Evaluation, resolve_target, rows_to_metrics
 from .probes import BUILTIN_METRICS
 from .views import Metric, Row, Task, View, flat_key
 
 __all__ = [
-    "BUILTIN_METRICS", "Evaluation", "Metric", "Row", "Task", "View", "caption_table",
-    "encode_images", "encode_texts", "flat_key", "resolve_target", "rows_to_metrics",
+    "BUILTIN_METRICS", "EncodeReport", "Evaluation", "Metric", "Row", "Task", "View",
+    "caption_table", "encode_images", "encode_texts", "fill_cache", "flat_key",
+    "resolve_target", "rows_to_metrics",
 ]

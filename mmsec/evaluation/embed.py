@@ -7,28 +7,74 @@ are keyed by their text, so perturbed captions are cached as well.
 Under torchrun the items the cache lacks are encoded in shards, one per process, and
 gathered; rank 0 alone reads and writes the cache, and every process gets the same
 ``[N, D]`` result (so the metrics computed from it are the same everywhere).
+
+In one process, images are streamed (:mod:`mmsec.data.stream`): only the items the cache
+lacks are loaded at all, by ``workers`` processes while the model encodes the previous
+batch, and a shard is written every ``flush_every`` items or ``flush_seconds``, so a killed
+run loses at most that much. An image that no longer decodes (corrupted after the dataset
+was scanned) is skipped with a warning and counted: :func:`fill_cache` (``mmsec cache
+encode``) finishes with everything else cached; :func:`encode_images`, which owes a row for
+every item, then raises, naming the file, once everything else is cached; the next build of
+the dataset scans that file again and leaves it out, as it does any corrupt file.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .. import distributed
 from ..cache import EmbeddingCache, content_hash
-from ..data import ImageDataset, load_images
+from ..data import ImageDataset, TensorDataset, load_images
+from ..data.stream import default_workers, item_path, stream_batches
+from ..errors import MmsecError
 
-__all__ = ["caption_table", "encode_images", "encode_texts"]
+__all__ = ["EncodeReport", "caption_table", "encode_images", "encode_texts", "fill_cache"]
 
 DEFAULT_BATCH = 256
+#: a shard is written at least this often while streaming (and every ``flush_every`` items)
+FLUSH_SECONDS = 120.0
+FLUSH_EVERY = 16384
 log = logging.getLogger("mmsec.evaluation")
 
 
+@dataclass
+class EncodeReport:
+    """What one streaming encode did: ``items`` in the dataset, ``cached`` (found in the
+    cache), ``encoded`` now, ``skipped`` (``(file or item, reason)`` of images that failed
+    to load), ``seconds`` of wall time and ``workers`` used."""
+
+    items: int = 0
+    cached: int = 0
+    encoded: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    workers: int = 0
+
+    @property
+    def rate(self) -> float:
+        """Images encoded per second (0 when none were)."""
+        return self.encoded / self.seconds if self.seconds > 0 and self.encoded else 0.0
+
+    def line(self) -> str:
+        """The one-line summary ``mmsec cache encode`` prints."""
+        return (f"{self.items} items: {self.encoded} encoded now, {self.cached} already "
+                f"cached, {len(self.skipped)} skipped (corrupt), {self.rate:.1f} img/s "
+                f"({self.seconds:.1f} s, {self.workers} worker(s))")
+
+
 def encode_images(model, ds: ImageDataset, cache: EmbeddingCache, *,
-                  batch_size: int = DEFAULT_BATCH, progress: bool = True) -> torch.Tensor:
+                  batch_size: int = DEFAULT_BATCH, progress: bool = True,
+                  workers: int | None = None) -> torch.Tensor:
     """Normalised image embeddings ``[N, D]`` (CPU float32) of all of ``ds``, through the cache.
+
+    Missing items are streamed through ``workers`` loader processes (None: see
+    :func:`mmsec.data.stream.default_workers`; 0 loads in this process). An image that fails
+    to load raises :class:`MmsecError` once every other item is cached (see the module doc).
 
     A model whose fingerprint does not cover what it computes (a wrapper that declares no
     ``fingerprint_extra``) is never cached: its images are encoded every time.
@@ -47,8 +93,93 @@ def encode_images(model, ds: ImageDataset, cache: EmbeddingCache, *,
                                      desc=f"encoding {ds.describe()}")
     if distributed.world_size() > 1:
         return _sharded_cached(cache, model.fingerprint, "image", keys, encode, batch_size)
-    return cache.encode(model.fingerprint, "image", keys, encode, batch_size, progress,
-                        desc=f"encoding {ds.describe()}")
+    workers = default_workers(ds) if workers is None else workers
+    if workers == 0 and _in_memory(ds):  # nothing to decode and nothing that can fail
+        return cache.encode(model.fingerprint, "image", keys, encode, batch_size, progress,
+                            desc=f"encoding {ds.describe()}")
+    out, report = _stream(model, ds, cache, keys, batch_size, progress, workers)
+    if report.skipped:
+        why = report.skipped[0][1]
+        raise MmsecError(
+            f"{len(report.skipped)} image(s) of {ds.describe()} failed to load after the "
+            f"dataset was scanned (first: {why}); every other item is cached: run again and "
+            "they are left out")
+    return out
+
+
+def fill_cache(model, ds: ImageDataset, cache: EmbeddingCache, *,
+               batch_size: int = DEFAULT_BATCH, workers: int | None = None,
+               progress: bool = True, flush_every: int = FLUSH_EVERY,
+               flush_seconds: float | None = FLUSH_SECONDS) -> EncodeReport:
+    """Encode every image of ``ds`` the cache lacks (streamed, as :func:`encode_images`) and
+    say what was done; images that fail to load are skipped with a warning and counted.
+
+    Cached items are only looked up by key (their vectors are not read, so a shard damaged
+    after it was written is found by the next read, not here) and nothing ``[N, D]`` is
+    kept: a 10^6-item folder costs the keys, not 2 GB of floats."""
+    if not getattr(model, "cacheable", True):
+        raise MmsecError(f"{type(model).__name__} declares no fingerprint_extra(): its "
+                         "embeddings cannot be cached")
+    keys = [ds.key(i) for i in range(len(ds))]
+    workers = default_workers(ds) if workers is None else workers
+    return _stream(model, ds, cache, keys, batch_size, progress, workers,
+                   flush_every=flush_every, flush_seconds=flush_seconds, collect=False)[1]
+
+
+def _in_memory(ds: ImageDataset) -> bool:
+    from ..data.stream import _base
+
+    return isinstance(_base(ds), TensorDataset)
+
+
+def _stream(model, ds: ImageDataset, cache: EmbeddingCache, keys: list[str], batch_size: int,
+            progress: bool, workers: int, *, flush_every: int = FLUSH_EVERY,
+            flush_seconds: float | None = FLUSH_SECONDS, collect: bool = True
+            ) -> tuple[torch.Tensor, EncodeReport]:
+    """``cache.encode`` of ``ds``'s images fed by :func:`stream_batches`: ``[N, D]`` (NaN rows
+    for skipped items) and the report."""
+    report = EncodeReport(items=len(keys), workers=workers)
+    device = torch.device(getattr(model, "device", "cpu"))
+    started, hits, encoded = time.perf_counter(), cache.stats.hits, cache.stats.encoded
+
+    def stream(batches: list[list[int]]):
+        loaded = stream_batches(ds, batches, workers=workers,
+                                pin_memory=device.type == "cuda")
+        for batch in loaded:
+            for i, why in batch.failed:
+                report.skipped.append((item_path(ds, i) or f"item {i}", why))
+                if len(report.skipped) <= 3:
+                    log.warning("skipped an image that failed to load: %s", why)
+            if not batch.positions:
+                yield batch.planned, [], None
+                continue
+            with torch.no_grad():
+                vecs = model.encode_image(batch.pixels(device)).cpu()
+            yield batch.planned, batch.positions, vecs
+
+    try:
+        out = cache.encode(model.fingerprint, "image", keys, None, batch_size, progress,
+                           desc=f"encoding {ds.describe()}", flush_every=flush_every,
+                           flush_seconds=flush_seconds, stream=stream, collect=collect)
+    finally:
+        report.seconds = time.perf_counter() - started
+        report.cached = cache.stats.hits - hits
+        report.encoded = cache.stats.encoded - encoded
+        if report.skipped:
+            log.warning("%s: skipped %d image(s) that failed to load (first: %s)",
+                        ds.describe(), len(report.skipped), report.skipped[0][0])
+            _forget(ds, [p for p, _ in report.skipped])
+    return out, report
+
+
+def _forget(ds: ImageDataset, paths: list[str]) -> None:
+    """Files that failed to load leave the scan memos: the next scan looks at them again."""
+    from ..data.files import forget_scans
+    from ..data.stream import _base
+
+    source = getattr(_base(ds), "source", None)
+    if source:
+        forget_scans(source, paths)
 
 
 def encode_texts(model, texts: Sequence[str], cache: EmbeddingCache, *,
