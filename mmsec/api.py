@@ -29,8 +29,8 @@ from .registry import Registry, get_registry
 from .runs import Run
 from .training import seed_everything
 
-__all__ = ["HEADLINE_METRICS", "Settings", "attack", "defend", "eval", "load_artifact",
-           "run_recipe"]
+__all__ = ["HEADLINE_METRICS", "Settings", "attack", "defend", "encode_cache", "eval",
+           "load_artifact", "run_recipe"]
 
 
 @dataclass
@@ -566,3 +566,26 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
             f"{root / 'summary.md'}): {exc}") from exc
     return {"dir": str(root), "steps": results, "summary": headline, "summary_full": table,
             "html": html}
+
+
+def encode_cache(settings: Settings | None = None, *, workers: int | None = None,
+                 batch_size: int = 256, flush_every: int = 16384, progress: bool = True):
+    """Fill the embedding cache with the image embeddings of ``settings``' model and data
+    (all of the split, or ``limit`` items); no run folder. Returns an
+    :class:`mmsec.evaluation.embed.EncodeReport` (items, encoded now, already cached,
+    skipped corrupt, img/s). A run killed part-way keeps every shard it wrote: running it
+    again encodes the rest."""
+    from .evaluation.embed import fill_cache
+
+    s = settings or Settings()
+    check_settings(s)
+    reg = get_registry()
+    model = reg.load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
+    if s.image_size is None and parse_spec(s.data)[0] in _FILE_SOURCES:
+        s.image_size = int(model.image_size)  # as every other command loads them
+    cache = EmbeddingCache()
+    ds = reg.load_dataset(s.data, split=s.split, seed=s.seed, strict=s.strict, n=s.limit,
+                          **_size(s))
+    ds = subset(ds, s.limit, seed=s.seed)
+    return fill_cache(model, ds, cache, batch_size=batch_size, workers=workers,
+                      progress=progress and not s.quiet, flush_every=flush_every)

@@ -91,9 +91,9 @@ def _loggers(values) -> tuple[str, ...] | None:
     return tuple(v for v in values if v != "none")
 
 
-def common_options(fn):
-    """Options shared by eval, attack and defend."""
-    opts = [
+def _model_data_opts() -> list:
+    """-m, --pretrained, -d, --split, --image-size, --limit, --device, --precision, --seed."""
+    return [
         click.option("-m", "--model", default=None,
                      help="open_clip architecture or zoo:NAME (default: the embedded zoo model)"),
         click.option("--pretrained", default=None,
@@ -109,6 +109,20 @@ def common_options(fn):
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
                      show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
+    ]
+
+
+def model_data_options(fn):
+    """The model and data options alone (``mmsec cache encode``)."""
+    for opt in reversed(_model_data_opts()):
+        fn = opt(fn)
+    return fn
+
+
+def common_options(fn):
+    """Options shared by eval, attack and defend."""
+    opts = [
+        *_model_data_opts(),
         click.option("--out", type=click.Path(file_okay=False), default=None,
                      help="run folder (default: ./mmsec-runs/<time>-<kind>-<plugin>)"),
         click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint"),
@@ -384,7 +398,7 @@ def datasets_cmd(as_json):
 
 @main.group("cache")
 def cache_group() -> None:
-    """Inspect or clear the embedding cache ($MMSEC_CACHE_DIR)."""
+    """Inspect, fill or clear the embedding cache ($MMSEC_CACHE_DIR)."""
 
 
 @cache_group.command("info")
@@ -412,6 +426,34 @@ def cache_clear(fingerprint):
 
     freed = EmbeddingCache().clear(fingerprint)
     click.echo(f"freed {freed} bytes")
+
+
+@cache_group.command("encode")
+@model_data_options
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="image-decoding worker processes (default: min(8, CPUs - 1); 0 for "
+                   "in-memory data)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--flush-every", type=click.IntRange(min=1), default=16384, show_default=True,
+              help="write a shard every N new items (also every 2 minutes): a killed run "
+                   "loses at most that much")
+@click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bar; warnings only")
+@handle_errors
+def cache_encode(workers, batch_size, flush_every, strict, quiet, **kw):
+    """Fill the cache with a dataset's image embeddings (streamed; resumes after a kill)."""
+    from .api import Settings, encode_cache
+
+    _setup_logging(quiet)
+    _settings_quiet(quiet)
+    settings = Settings(model=kw["model"], pretrained=kw["pretrained"], data=kw["data"],
+                        split=kw["split"], device=kw["device"], precision=kw["precision"],
+                        seed=kw["seed"], strict=strict, limit=kw["limit"], quiet=quiet,
+                        image_size=kw["image_size"])
+    report = encode_cache(settings, workers=workers, batch_size=batch_size,
+                          flush_every=flush_every)
+    click.echo(report.line())
+
 
 
 @main.group("zoo")
