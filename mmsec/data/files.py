@@ -209,10 +209,23 @@ def forget_scans(source: str, paths: Sequence[str]) -> None:
         _memo_save(memo_path, kept)
 
 
-def _memo_key(path: Path) -> tuple[str, int, int] | None:
+def _memo_key(path: Path, real_dirs: dict[str, str]) -> tuple[str, int, int] | None:
+    """(resolved path, byte size, mtime_ns) of ``path``, as :func:`_scan_file` keys it;
+    ``real_dirs`` memoises resolved folders (``Path.resolve`` per file was most of the cost
+    of a scan served from the memo)."""
+    import stat
+
     try:
-        st = path.stat()
-        return str(path.resolve()), st.st_size, st.st_mtime_ns
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            real = os.path.realpath(path)
+            st = os.stat(real)
+        else:
+            parent, name = os.path.split(os.path.abspath(path))
+            if parent not in real_dirs:
+                real_dirs[parent] = os.path.realpath(parent)
+            real = os.path.join(real_dirs[parent], name)
+        return real, st.st_size, st.st_mtime_ns
     except (OSError, ValueError):
         return None
 
@@ -232,7 +245,9 @@ def _scan_files(paths: Sequence[Path], source: str, strict: bool) -> list[_FileI
 
     memo_path = _memo_path(source)
     memo = _memo_load(memo_path)
-    keys = [_memo_key(Path(p)) for p in paths] if memo or memo_path else [None] * len(paths)
+    real_dirs: dict[str, str] = {}
+    keys = [_memo_key(Path(p), real_dirs) for p in paths] if memo or memo_path \
+        else [None] * len(paths)
     hits = [k for k in keys if k is not None and k in memo]
     if hits and not _memo_trusted(memo, hits, memo_path):
         memo, hits = {}, []
