@@ -588,4 +588,5 @@ def encode_cache(settings: Settings | None = None, *, workers: int | None = None
                           **_size(s))
     ds = subset(ds, s.limit, seed=s.seed)
     return fill_cache(model, ds, cache, batch_size=batch_size, workers=workers,
-                      progress=progress and not s.quiet, flush_every=flush_every)
+                      progress=progress and not s.quiet, flush_every=flush_every,
+                      strict=s.strict)

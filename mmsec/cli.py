@@ -437,7 +437,8 @@ def cache_clear(fingerprint):
 @click.option("--flush-every", type=click.IntRange(min=1), default=16384, show_default=True,
               help="write a shard every N new items (also every 2 minutes): a killed run "
                    "loses at most that much")
-@click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it")
+@click.option("--strict", is_flag=True, help="fail on a corrupt image instead of skipping it "
+              "(one found while encoding: once everything else is cached)")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar; warnings only")
 @handle_errors
 def cache_encode(workers, batch_size, flush_every, strict, quiet, **kw):

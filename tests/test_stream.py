@@ -136,8 +136,10 @@ def test_a_file_corrupted_after_the_scan_is_skipped_with_a_warning(env, zoo_mode
     assert [p for p, _ in report.skipped] == [str(victim)]
     assert report.encoded == len(ds) - 1 and "skipped" in caplog.text
     assert victim.name in caplog.text
-    with pytest.raises(MmsecError, match=r"1 image\(s\) .* failed to load"):
+    with pytest.raises(MmsecError, match=r"1 image\(s\) .* failed to load .* new scan"):
         encode_images(zoo_model, ds, cache, batch_size=4, progress=False, workers=0)
+    with pytest.raises(MmsecError, match=r"1 image\(s\) .* failed to load"):
+        fill_cache(zoo_model, ds, cache, workers=0, progress=False, strict=True)
     again = imagefolder(str(folder), split="train", image_size=32)  # the scan leaves it out
     assert again.skipped == 1 and len(again) == len(ds) - 1
     before = cache.stats.encoded
@@ -207,3 +209,18 @@ def test_cache_encode_command(env):
     assert "unknown zoo model 'nope'" in unknown.stderr
     bad = invoke("cache", "encode", "--workers", "-1")
     assert bad.exit_code == 2
+
+
+def test_a_file_that_rots_in_place_leaves_the_scan_memo_when_it_fails_to_load(env, zoo_model):
+    folder = _folder(env / "imgs")
+    ds = imagefolder(str(folder), split="train", image_size=32)  # memoised on disk
+    victim = ds.files[2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[:20] + b"\0" * (len(data) - 20))  # same size ...
+    os.utime(victim, (OLD, OLD))  # ... and mtime: the memo's key still matches
+    data_files._SCAN_MEMO.clear()
+    report = fill_cache(zoo_model, ds, EmbeddingCache(env / "c"), workers=0, progress=False)
+    assert [p for p, _ in report.skipped] == [str(victim)]
+    data_files._SCAN_MEMO.clear()
+    again = imagefolder(str(folder), split="train", image_size=32)
+    assert again.skipped == 1 and str(victim) in again.skipped_items[0][0]

@@ -18,7 +18,7 @@ import torch
 from ..errors import MmsecError
 from .base import ImageDataset, Subset, TensorDataset
 
-__all__ = ["Loaded", "default_workers", "item_path", "stream_batches"]
+__all__ = ["Loaded", "base_dataset", "default_workers", "item_path", "stream_batches"]
 
 #: at most this many worker processes by default
 MAX_DEFAULT_WORKERS = 8
@@ -43,7 +43,8 @@ class Loaded:
         return x.float().div_(255) if x.dtype == torch.uint8 else x
 
 
-def _base(ds: ImageDataset) -> ImageDataset:
+def base_dataset(ds: ImageDataset) -> ImageDataset:
+    """The dataset under any chain of :class:`Subset` views."""
     while isinstance(ds, Subset):
         ds = ds.base
     return ds
@@ -59,7 +60,7 @@ def _cpus() -> int:
 def default_workers(ds: ImageDataset) -> int:
     """Worker processes for ``ds``: 0 for in-memory tensors (a gather is faster than a
     process hop), else ``min(8, CPUs - 1)`` (one CPU stays with the model)."""
-    if isinstance(_base(ds), TensorDataset):
+    if isinstance(base_dataset(ds), TensorDataset):
         return 0
     return max(0, min(MAX_DEFAULT_WORKERS, _cpus() - 1))
 
@@ -81,7 +82,7 @@ class _Batches(torch.utils.data.Dataset):
         self.ds, self.batches = ds, batches
         # 8-bit sources cross the process boundary as uint8 (a quarter of the bytes) and
         # become exactly the same floats again in the main process
-        self.as_uint8 = isinstance(_base(ds), FileImageDataset)
+        self.as_uint8 = isinstance(base_dataset(ds), FileImageDataset)
 
     def __len__(self) -> int:
         return len(self.batches)

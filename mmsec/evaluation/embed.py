@@ -30,7 +30,7 @@ import torch
 from .. import distributed
 from ..cache import EmbeddingCache, content_hash
 from ..data import ImageDataset, TensorDataset, load_images
-from ..data.stream import default_workers, item_path, stream_batches
+from ..data.stream import base_dataset, default_workers, item_path, stream_batches
 from ..errors import MmsecError
 
 __all__ = ["EncodeReport", "caption_table", "encode_images", "encode_texts", "fill_cache"]
@@ -99,20 +99,26 @@ def encode_images(model, ds: ImageDataset, cache: EmbeddingCache, *,
                             desc=f"encoding {ds.describe()}")
     out, report = _stream(model, ds, cache, keys, batch_size, progress, workers)
     if report.skipped:
-        why = report.skipped[0][1]
-        raise MmsecError(
-            f"{len(report.skipped)} image(s) of {ds.describe()} failed to load after the "
-            f"dataset was scanned (first: {why}); every other item is cached: run again and "
-            "they are left out")
+        raise _failed(ds, report)
     return out
+
+
+def _failed(ds: ImageDataset, report: EncodeReport) -> MmsecError:
+    files = getattr(base_dataset(ds), "source", None) is not None
+    return MmsecError(
+        f"{len(report.skipped)} image(s) of {ds.describe()} failed to load after the dataset "
+        f"was built (first: {report.skipped[0][1]}); every other item is cached"
+        + ("; run again and the new scan leaves them out" if files else ""))
 
 
 def fill_cache(model, ds: ImageDataset, cache: EmbeddingCache, *,
                batch_size: int = DEFAULT_BATCH, workers: int | None = None,
                progress: bool = True, flush_every: int = FLUSH_EVERY,
-               flush_seconds: float | None = FLUSH_SECONDS) -> EncodeReport:
+               flush_seconds: float | None = FLUSH_SECONDS, strict: bool = False
+               ) -> EncodeReport:
     """Encode every image of ``ds`` the cache lacks (streamed, as :func:`encode_images`) and
-    say what was done; images that fail to load are skipped with a warning and counted.
+    say what was done; images that fail to load are skipped with a warning and counted
+    (``strict``: then raise :class:`MmsecError`, once everything else is cached).
 
     Cached items are only looked up by key (their vectors are not read, so a shard damaged
     after it was written is found by the next read, not here) and nothing ``[N, D]`` is
@@ -122,14 +128,15 @@ def fill_cache(model, ds: ImageDataset, cache: EmbeddingCache, *,
                          "embeddings cannot be cached")
     keys = [ds.key(i) for i in range(len(ds))]
     workers = default_workers(ds) if workers is None else workers
-    return _stream(model, ds, cache, keys, batch_size, progress, workers,
-                   flush_every=flush_every, flush_seconds=flush_seconds, collect=False)[1]
+    report = _stream(model, ds, cache, keys, batch_size, progress, workers,
+                     flush_every=flush_every, flush_seconds=flush_seconds, collect=False)[1]
+    if strict and report.skipped:
+        raise _failed(ds, report)
+    return report
 
 
 def _in_memory(ds: ImageDataset) -> bool:
-    from ..data.stream import _base
-
-    return isinstance(_base(ds), TensorDataset)
+    return isinstance(base_dataset(ds), TensorDataset)
 
 
 def _stream(model, ds: ImageDataset, cache: EmbeddingCache, keys: list[str], batch_size: int,
@@ -175,9 +182,8 @@ def _stream(model, ds: ImageDataset, cache: EmbeddingCache, keys: list[str], bat
 def _forget(ds: ImageDataset, paths: list[str]) -> None:
     """Files that failed to load leave the scan memos: the next scan looks at them again."""
     from ..data.files import forget_scans
-    from ..data.stream import _base
 
-    source = getattr(_base(ds), "source", None)
+    source = getattr(base_dataset(ds), "source", None)
     if source:
         forget_scans(source, paths)
 
