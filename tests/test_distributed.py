@@ -224,3 +224,26 @@ def test_the_synced_batch_norm_computes_what_batch_norm_computes():
     assert torch.allclose(bn.running_mean, ref.running_mean, atol=1e-6)
     assert torch.allclose(bn.running_var, ref.running_var, atol=1e-5)
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_eval_of_an_image_folder_under_two_processes_equals_one_process(tmp_path, monkeypatch):
+    """Each rank streams its block of files (the loader path), rank 0 stores them all."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        cls = tmp_path / "imgs" / ("red" if i % 2 else "blue")
+        cls.mkdir(parents=True, exist_ok=True)
+        rgb = (200, 40, 40) if i % 2 else (40, 40, 200)
+        img = np.clip(rng.normal(rgb, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(cls / f"{i}.{'png' if i % 4 < 2 else 'jpg'}")
+    args = ["eval", "-d", f"imagefolder:{tmp_path / 'imgs'}", "--split", "train",
+            "--knn-bank", "0", "-q"]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MMSEC_CACHE_DIR", str(cache))
+    _two(args, tmp_path / "two", tmp_path / "tmp", cache=cache)
+    _one(args, tmp_path / "one")
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert two["images_encoded"] >= 12 and one["images_encoded"] == 0
+    assert _compare(tmp_path / "one", tmp_path / "two")["metrics"] <= 1e-6

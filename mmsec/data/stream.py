@@ -18,7 +18,8 @@ import torch
 from ..errors import MmsecError
 from .base import ImageDataset, Subset, TensorDataset
 
-__all__ = ["Loaded", "base_dataset", "default_workers", "item_path", "stream_batches"]
+__all__ = ["Loaded", "base_dataset", "default_workers", "item_path", "stream_batches",
+           "usable_cpus"]
 
 #: at most this many worker processes by default
 MAX_DEFAULT_WORKERS = 8
@@ -50,7 +51,8 @@ def base_dataset(ds: ImageDataset) -> ImageDataset:
     return ds
 
 
-def _cpus() -> int:
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, else the machine's count)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -62,7 +64,7 @@ def default_workers(ds: ImageDataset) -> int:
     process hop), else ``min(8, CPUs - 1)`` (one CPU stays with the model)."""
     if isinstance(base_dataset(ds), TensorDataset):
         return 0
-    return max(0, min(MAX_DEFAULT_WORKERS, _cpus() - 1))
+    return max(0, min(MAX_DEFAULT_WORKERS, usable_cpus() - 1))
 
 
 def item_path(ds: ImageDataset, i: int) -> str | None:

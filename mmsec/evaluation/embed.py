@@ -6,7 +6,10 @@ are keyed by their text, so perturbed captions are cached as well.
 
 Under torchrun the items the cache lacks are encoded in shards, one per process, and
 gathered; rank 0 alone reads and writes the cache, and every process gets the same
-``[N, D]`` result (so the metrics computed from it are the same everywhere).
+``[N, D]`` result (so the metrics computed from it are the same everywhere). Each process
+streams its block through loader workers too (its machine's CPUs shared between its
+processes), but there an image that fails to load raises at once: the gathered rows are
+placed by position.
 
 In one process, images are streamed (:mod:`mmsec.data.stream`): only the items the cache
 lacks are loaded at all, by ``workers`` processes while the model encodes the previous
@@ -20,7 +23,9 @@ the dataset scans that file again and leaves it out, as it does any corrupt file
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +35,14 @@ import torch
 from .. import distributed
 from ..cache import EmbeddingCache, content_hash
 from ..data import ImageDataset, TensorDataset, load_images
-from ..data.stream import base_dataset, default_workers, item_path, stream_batches
+from ..data.stream import (
+    MAX_DEFAULT_WORKERS,
+    base_dataset,
+    default_workers,
+    item_path,
+    stream_batches,
+    usable_cpus,
+)
 from ..errors import MmsecError
 
 __all__ = ["EncodeReport", "caption_table", "encode_images", "encode_texts", "fill_cache"]
@@ -92,7 +104,13 @@ def encode_images(model, ds: ImageDataset, cache: EmbeddingCache, *,
         return cache.encode_uncached("image", len(keys), encode, batch_size, progress,
                                      desc=f"encoding {ds.describe()}")
     if distributed.world_size() > 1:
-        return _sharded_cached(cache, model.fingerprint, "image", keys, encode, batch_size)
+        block = None
+        workers = _rank_workers(ds) if workers is None else workers
+        if workers or not _in_memory(ds):
+            block = functools.partial(_encode_block, model, ds, workers=workers,
+                                      batch_size=batch_size)
+        return _sharded_cached(cache, model.fingerprint, "image", keys, encode, batch_size,
+                               block=block)
     workers = default_workers(ds) if workers is None else workers
     if workers == 0 and _in_memory(ds):  # nothing to decode and nothing that can fail
         return cache.encode(model.fingerprint, "image", keys, encode, batch_size, progress,
@@ -206,12 +224,40 @@ def encode_texts(model, texts: Sequence[str], cache: EmbeddingCache, *,
     return cache.encode(model.fingerprint, "text", keys, encode, batch_size, progress=False)
 
 
-def _sharded(encode, todo: list[int], batch_size: int) -> torch.Tensor:
+def _rank_workers(ds: ImageDataset) -> int:
+    """Default loader workers of one torchrun process: the machine's share, less one."""
+    if _in_memory(ds):
+        return 0
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(0, min(MAX_DEFAULT_WORKERS, usable_cpus() // local - 1))
+
+
+def _encode_block(model, ds: ImageDataset, positions: list[int], *, workers: int,
+                  batch_size: int) -> list[torch.Tensor]:
+    """One torchrun process's block of images, streamed: every item must load (the ranks'
+    rows are gathered by position), so a failure raises."""
+    device = torch.device(getattr(model, "device", "cpu"))
+    batches = [positions[s:s + batch_size] for s in range(0, len(positions), batch_size)]
+    parts = []
+    for batch in stream_batches(ds, batches, workers=workers, pin_memory=device.type == "cuda"):
+        if batch.failed:
+            raise MmsecError(f"{ds.describe()}: {batch.failed[0][1]}")
+        with torch.no_grad():
+            parts.append(model.encode_image(batch.pixels(device)).cpu().float())
+    return parts
+
+
+def _sharded(encode, todo: list[int], batch_size: int, block=None) -> torch.Tensor:
     """``encode`` over ``todo`` (positions), each process a contiguous block, gathered in
-    order on every process: ``[len(todo), D]`` float32."""
+    order on every process: ``[len(todo), D]`` float32. ``block(positions)``, when given,
+    encodes the whole block at once (a list of ``[b, D]`` parts), streamed."""
     lo, hi = distributed.shard_range(len(todo))
     mine = todo[lo:hi]
-    parts = [encode(mine[s:s + batch_size]).float() for s in range(0, len(mine), batch_size)]
+    if block is not None:
+        parts = block(mine) if mine else []
+    else:
+        parts = [encode(mine[s:s + batch_size]).float()
+                 for s in range(0, len(mine), batch_size)]
     dims = [d for d in distributed.all_objects(int(parts[0].shape[1]) if parts else None)
             if d is not None]
     local = torch.cat(parts) if parts else torch.zeros(0, dims[0] if dims else 0)
@@ -219,7 +265,7 @@ def _sharded(encode, todo: list[int], batch_size: int) -> torch.Tensor:
 
 
 def _sharded_cached(cache: EmbeddingCache, fingerprint: str, kind: str, keys: list[str],
-                    encode, batch_size: int) -> torch.Tensor:
+                    encode, batch_size: int, block=None) -> torch.Tensor:
     """``cache.encode`` split between processes: rank 0 looks the keys up, every process
     encodes its block of the missing ones, rank 0 stores them; all get ``[N, D]``."""
     todo: list[int] = []
@@ -231,7 +277,7 @@ def _sharded_cached(cache: EmbeddingCache, fingerprint: str, kind: str, keys: li
                 first[k] = i
                 todo.append(i)
     todo = distributed.broadcast_object(todo)
-    new = _sharded(encode, todo, batch_size) if todo else None
+    new = _sharded(encode, todo, batch_size, block) if todo else None
     out = None
     if distributed.is_main():
         if new is not None:
