@@ -24,8 +24,8 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,9 +53,9 @@ MAX_PIXELS = 40_000_000
 MAX_DEFAULT_SIDE = 512
 
 
-@dataclass(frozen=True)
-class _FileInfo:
-    """What one scan of an image file found: its byte hash and size, or why it is unusable."""
+class _FileInfo(NamedTuple):
+    """What one scan of an image file found: its byte hash and size, or why it is unusable.
+    (A named tuple: 10^6 of them, a big folder's memo, build faster than frozen dataclasses.)"""
 
     sha1: str = ""
     size: tuple[int, int] = (0, 0)
@@ -100,6 +100,7 @@ def _scan_file(path: Path) -> _FileInfo:
 
 
 MEMO_FORMAT = "mmsec-scan-memo-v1"
+_HEX40 = re.compile(r"[0-9a-f]{40}")
 #: files modified less than this many seconds ago are not memoised on disk (see module doc)
 MEMO_SETTLE_S = 2.0
 #: memo hits hashed again on every use: one that differs discards the memo
@@ -131,9 +132,11 @@ def _memo_load(path: Path | None) -> dict[tuple[str, int, int], _FileInfo]:
             raise ValueError("not an mmsec scan memo")
         if hashlib.sha256(body).hexdigest() != header.get("sha256"):
             raise ValueError("checksum mismatch")
+        # one JSON array (lines hold no raw newline): ~3x faster than a loads() per line
+        rows = json.loads(b"[" + body.rstrip(b"\n").replace(b"\n", b",") + b"]")
         out = {}
-        for line in body.splitlines():
-            key, sha1, width, height, fmt, error = _memo_row(json.loads(line))
+        for row in rows:
+            key, sha1, width, height, fmt, error = _memo_row(row)
             out[key] = _FileInfo(sha1=sha1, size=(width, height), error=error, format=fmt)
         if len(out) != header.get("count"):
             raise ValueError("entry count does not match its header")
@@ -150,10 +153,10 @@ def _memo_row(row: object) -> tuple[tuple[str, int, int], str, int, int, str, st
     if not isinstance(row, list) or len(row) != 8:
         raise ValueError("malformed entry")
     path, size, mtime, sha1, width, height, fmt, error = row
-    ints = (size, mtime, width, height)
-    if not isinstance(path, str) or not all(type(v) is int for v in ints) \
-            or not all(isinstance(v, str) for v in (sha1, fmt, error)) \
-            or not (error or re.fullmatch(r"[0-9a-f]{40}", sha1)):
+    if type(path) is not str or type(size) is not int or type(mtime) is not int \
+            or type(width) is not int or type(height) is not int or type(sha1) is not str \
+            or type(fmt) is not str or type(error) is not str \
+            or not (error or (len(sha1) == 40 and _HEX40.fullmatch(sha1))):
         raise ValueError("malformed entry")
     return (path, size, mtime), sha1, width, height, fmt, error
 
@@ -244,12 +247,16 @@ def _scan_files(paths: Sequence[Path], source: str, strict: bool) -> list[_FileI
     from concurrent.futures import ThreadPoolExecutor
 
     memo_path = _memo_path(source)
-    memo = _memo_load(memo_path)
     real_dirs: dict[str, str] = {}
-    keys = [_memo_key(Path(p), real_dirs) for p in paths] if memo or memo_path \
+    keys = [_memo_key(Path(p), real_dirs) for p in paths] if memo_path \
         else [None] * len(paths)
+    if memo_path is not None and all(k is not None and k in _SCAN_MEMO for k in keys):
+        # all seen by this process already (the other split, the kNN bank): no disk memo
+        memo_path, memo = None, {k: _SCAN_MEMO[k] for k in keys}
+    else:
+        memo = _memo_load(memo_path)
     hits = [k for k in keys if k is not None and k in memo]
-    if hits and not _memo_trusted(memo, hits, memo_path):
+    if memo_path is not None and hits and not _memo_trusted(memo, hits, memo_path):
         memo, hits = {}, []
     for k in hits:
         _SCAN_MEMO.setdefault(k, memo[k])
