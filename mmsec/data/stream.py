@@ -83,8 +83,11 @@ class _Batches(torch.utils.data.Dataset):
 
         self.ds, self.batches = ds, batches
         # 8-bit sources cross the process boundary as uint8 (a quarter of the bytes) and
-        # become exactly the same floats again in the main process
-        self.as_uint8 = isinstance(base_dataset(ds), FileImageDataset)
+        # become exactly the same floats again in the main process; a subclass that loads
+        # otherwise (augments, say) keeps its floats
+        base = base_dataset(ds)
+        self.as_uint8 = isinstance(base, FileImageDataset) \
+            and type(base).load is FileImageDataset.load
 
     def __len__(self) -> int:
         return len(self.batches)
