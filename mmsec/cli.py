@@ -109,6 +109,9 @@ def common_options(fn):
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32",
                      show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="run the image tower through torch.compile (compiled at the first "
+                          "batch; eager, with a warning, where compiling fails)"),
         click.option("--out", type=click.Path(file_okay=False), default=None,
                      help="run folder (default: ./mmsec-runs/<time>-<kind>-<plugin>)"),
         click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint"),
@@ -135,6 +138,7 @@ def _settings(kw: dict):
                     split=kw["split"], device=kw["device"], precision=kw["precision"],
                     seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
                     limit=kw["limit"], quiet=kw["quiet"], image_size=kw.get("image_size"),
+                    compile=kw.get("compile_", False),
                     loggers=_loggers(kw.get("loggers")))
 
 

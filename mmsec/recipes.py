@@ -35,7 +35,7 @@ __all__ = ["Defaults", "Recipe", "ResolvedStep", "Step", "load_recipe", "parse_r
 StepKind = Literal["attack", "defend", "eval"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SETTINGS: tuple[str, ...] = ("model", "pretrained", "data", "device", "precision", "seed", "split",
-                             "limit", "clean_items", "knn_bank", "image_size")
+                             "limit", "clean_items", "knn_bank", "image_size", "compile")
 _DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
@@ -62,6 +62,7 @@ class Defaults(_Strict):
                                                   "bank (0: no kNN metrics)")
     image_size: int | None = Field(None, ge=8, le=4096, description="load file-backed images "
                                                                     "at N x N pixels")
+    compile: bool = Field(False, description="run the image tower through torch.compile")
 
 
 class Step(_Strict):
@@ -82,6 +83,7 @@ class Step(_Strict):
     clean_items: int | None = Field(None, ge=1)
     knn_bank: int | None = Field(None, ge=0)
     image_size: int | None = Field(None, ge=8, le=4096)
+    compile: bool | None = None
     model_from: str | None = Field(None, description="use the model an earlier step wrote")
     artifact_from: str | None = Field(None, description="apply an earlier attack's artifact")
     trigger_from: str | None = Field(None, description="measure ASR with an earlier trigger")
@@ -248,6 +250,7 @@ class ResolvedStep:
     clean_items: int
     knn_bank: int
     image_size: int | None = None
+    compile: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     model_from: str | None = None
     artifact_from: str | None = None
