@@ -11,7 +11,8 @@ inductor, which builds C++ on the CPU and Triton kernels on CUDA) is timed apart
 seconds (``compile_s``) and left off the rate. ``max_abs_diff``: the largest difference
 between the eager and the compiled embeddings of the batch. Figure: the compiled rate of
 the last model; ceiling: its eager rate (ratio > 1: compiling pays). A compilation that
-fails falls back to eager with one warning line (``fell_back`` true).
+fails falls back to eager with one warning line (``fell_back`` true). ``--frozen true``
+(default) measures both again with the tower's weights frozen (``frozen_*``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import time
 import _common as C
 
 SIZES = {
-    "cpu": {"models": "zoo:shapes,ViT-B-32", "batch": 16, "iters": 2, "repeat": 3},
-    "cuda": {"models": "zoo:shapes,ViT-B-32,ViT-B-16", "batch": 256, "iters": 5, "repeat": 3},
+    "cpu": {"models": "zoo:shapes,ViT-B-32", "batch": 16, "iters": 2, "repeat": 3,
+            "frozen": True},
+    "cuda": {"models": "zoo:shapes,ViT-B-32,ViT-B-16", "batch": 256, "iters": 5, "repeat": 3,
+             "frozen": True},
 }
 
 
@@ -51,9 +54,27 @@ def measure(name: str, args, device) -> dict:
     fell_back = not model.torch_compile
     compiled = C.fwd_bwd_rate(model, x, to="pixels", iters=args.iters, repeat=args.repeat)
     diff = float((emb.detach() - ref).abs().max())
-    return {"model": name, "eager_img_s": round(eager, 3), "compiled_img_s": round(compiled, 3),
-            "speedup": round(compiled / eager, 3), "compile_s": round(compile_s, 1),
-            "max_abs_diff": diff, "fell_back": fell_back, "image_size": model.image_size}
+    row = {"model": name, "eager_img_s": round(eager, 3), "compiled_img_s": round(compiled, 3),
+           "speedup": round(compiled / eager, 3), "compile_s": round(compile_s, 1),
+           "max_abs_diff": diff, "fell_back": fell_back, "image_size": model.image_size}
+    if args.frozen:
+        # the same with the tower's weights frozen (requires_grad False): a compiled backward
+        # computes the gradient of every input that requires one, the weights' too, even
+        # when only the pixels' is asked for; eager autograd computes only what is asked
+        params = model.tower_parameters("image")
+        for p in params:
+            p.requires_grad_(False)
+        model.torch_compile, model._compiled_image = False, None
+        row["frozen_eager_img_s"] = round(C.fwd_bwd_rate(
+            model, x, to="pixels", iters=args.iters, repeat=args.repeat), 3)
+        model.torch_compile = True
+        row["frozen_compiled_img_s"] = round(C.fwd_bwd_rate(
+            model, x, to="pixels", iters=args.iters, repeat=args.repeat), 3)
+        row["frozen_speedup"] = round(row["frozen_compiled_img_s"] / row["frozen_eager_img_s"],
+                                      3)
+        for p in params:
+            p.requires_grad_(True)
+    return row
 
 
 def main(argv=None) -> dict:

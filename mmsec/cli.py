@@ -112,6 +112,9 @@ def common_options(fn):
         click.option("--compile", "compile_", is_flag=True,
                      help="run the image tower through torch.compile (compiled at the first "
                           "batch; eager, with a warning, where compiling fails)"),
+        click.option("--channels-last", is_flag=True,
+                     help="the image tower in channels-last memory format (pays for "
+                          "convolutional towers on the CPU; embeddings differ by ~1e-7)"),
         click.option("--out", type=click.Path(file_okay=False), default=None,
                      help="run folder (default: ./mmsec-runs/<time>-<kind>-<plugin>)"),
         click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint"),
@@ -139,6 +142,7 @@ def _settings(kw: dict):
                     seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
                     limit=kw["limit"], quiet=kw["quiet"], image_size=kw.get("image_size"),
                     compile=kw.get("compile_", False),
+                    channels_last=kw.get("channels_last", False),
                     loggers=_loggers(kw.get("loggers")))
 
 

@@ -1,4 +1,5 @@
-"""``torch.compile`` of the image tower (``ClipModel.torch_compile``, ``--compile``).
+"""``torch.compile`` of the image tower (``ClipModel.torch_compile``, ``--compile``) and its
+channels-last option (``ClipModel.channels_last``, ``--channels-last``).
 
 Compiling itself takes over a minute on one CPU core (inductor builds C++), so the compiled
 embeddings are compared with eager ones in ``benchmarks/compile.py`` (``max_abs_diff``);
@@ -74,8 +75,9 @@ def test_load_model_settings_and_recipes_take_the_option():
     assert not load_model("zoo:shapes", device="cpu").torch_compile
     assert Settings(compile=True).compile
     recipe = parse_recipe("defaults: {compile: true}\nsteps:\n  - {id: a, kind: eval}\n"
-                          "  - {id: b, kind: eval, compile: false}\n")
+                          "  - {id: b, kind: eval, compile: false, channels_last: true}\n")
     assert [s.compile for s in recipe.resolved_steps()] == [True, False]
+    assert [s.channels_last for s in recipe.resolved_steps()] == [False, True]
 
 
 def test_the_cli_has_the_flag():
@@ -85,4 +87,22 @@ def test_the_cli_has_the_flag():
 
     for command in ("attack", "defend", "eval"):
         out = CliRunner().invoke(main, [command, "--help"])
-        assert "--compile" in out.output, command
+        assert "--compile" in out.output and "--channels-last" in out.output, command
+
+
+def test_channels_last_keeps_the_embeddings_the_fingerprint_and_the_pixel_gradient(model):
+    # (the option itself; benchmarks/channels_last.py measures whether it pays)
+    x = torch.rand(4, 3, 40, 40, requires_grad=True)
+    emb = model.encode_image(x)
+    (grad,) = torch.autograd.grad(emb.square().sum(), x)
+    fingerprint = model.fingerprint
+    model.channels_last = True
+    assert model.fingerprint == fingerprint
+    emb2 = model.encode_image(x)
+    (grad2,) = torch.autograd.grad(emb2.square().sum(), x)
+    assert torch.allclose(emb, emb2, atol=1e-5) and torch.allclose(grad, grad2, atol=1e-5)
+    assert grad2.is_contiguous()  # the caller's layout, whatever the tower's
+    assert copy.deepcopy(model).channels_last
+    model.channels_last = False
+    assert torch.equal(model.encode_image(x), emb)
+    assert load_model("zoo:shapes", device="cpu", channels_last=True).channels_last
