@@ -290,9 +290,11 @@ class ClipModel(nn.Module):
         """Whether the image tower runs in ``torch.channels_last`` memory format (its
         convolution weights and the normalised pixels; off by default).
 
-        Measured with ``benchmarks/channels_last.py`` (one CPU thread, fwd+bwd to the pixels,
-        batch 16): 1.22x on the zoo's ModifiedResNet-minis (zoo:shapes 1,246 -> 1,513 img/s,
-        zoo:fashion 1,240 -> 1,523), none on a ViT (one convolution, the patch embedding).
+        Measured with ``OMP_NUM_THREADS=1 python benchmarks/channels_last.py`` (one CPU
+        thread, fwd+bwd to the pixels, batch 16, two runs): 1.2-1.34x on the zoo's
+        ModifiedResNet-minis (zoo:shapes 1,328 -> 1,781 img/s, zoo:fashion 1,359 -> 1,638),
+        none on a ViT-B/32 (0.97x: one convolution, the patch embedding). Not measured on
+        CUDA.
         Opt-in all the same: the convolutions then sum in another order (embeddings differ by
         ~1e-7), so turning it on by default would change every figure in the last bits.
         Gradients reach the caller's pixels in their own (contiguous) layout."""
