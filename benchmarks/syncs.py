@@ -23,6 +23,11 @@ lives on the host anyway is no sync there) and miss the syncs these wrappers can
 (boolean-mask indexing, ``nonzero``, ``torch.unique``...).
 ``--defer-checks 1`` defers the loop's non-finite loss check as on a GPU (the CPU default
 checks at once, which is free there): the count a GPU run would see.
+
+``--device cuda`` counts real syncs instead: the warnings of
+``torch.cuda.set_sync_debug_mode("warn")`` (every synchronising operation, mask indexing
+included), sorted the same way (the loops at the same tiny sizes, on the scripts' CUDA
+model). Written for a GPU machine, not yet run on one.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import importlib
 import inspect
 import os
 import sys
+import warnings
 
 import _common as C
 
@@ -81,17 +87,16 @@ class Counter:
             return "read_back"
         return "step"
 
-    def hit(self, method: str) -> None:
+    def hit(self, method: str, caller=None) -> None:
         if self.active:
             return
-        frame = sys._getframe(2)
-        caller = frame
+        frame = caller = caller or sys._getframe(2)
         while frame is not None and frame.f_code is not self.code:
             frame = frame.f_back
         if frame is None:
             return
         kind = self.kind(frame.f_lineno)
-        if f"torch{os.sep}optim{os.sep}" in caller.f_code.co_filename:
+        if caller is not None and f"torch{os.sep}optim{os.sep}" in caller.f_code.co_filename:
             kind = "optimizer_host"  # Adam's step count: a host tensor unless capturable
         self.counts[kind] += 1
         if kind in ("step", "read_back"):
@@ -99,9 +104,13 @@ class Counter:
                        f"{method}"] += 1
 
     @contextlib.contextmanager
-    def installed(self):
+    def installed(self, device):
         import torch
 
+        if device.type == "cuda":  # the real thing: CUDA's own sync warnings
+            with self._cuda_warnings():
+                yield self
+            return
         saved = {m: getattr(torch.Tensor, m) for m in _METHODS}
 
         def wrap(name, real):
@@ -123,10 +132,36 @@ class Counter:
                 setattr(torch.Tensor, m, real)
 
 
+    @contextlib.contextmanager
+    def _cuda_warnings(self):
+        """Count ``torch.cuda.set_sync_debug_mode("warn")``'s warnings (one per operation
+        that synchronises: the calls above, and mask indexing, nonzero... too)."""
+        import torch
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return shown(message, category, filename, lineno, file, line)
+            frame = sys._getframe(1)
+            while frame is not None and (f"{os.sep}warnings.py" in frame.f_code.co_filename
+                                         or f"{os.sep}torch{os.sep}" in
+                                         frame.f_code.co_filename):
+                frame = frame.f_back
+            self.hit("cuda sync", caller=frame or sys._getframe(1))
+
+        before = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("always", message=".*synchroniz.*")
+            shown, warnings.showwarning = warnings.showwarning, show
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+                warnings.showwarning = shown
+
+
 def main(argv=None) -> dict:
     args = C.parse(C.parser(__doc__, SIZES), argv)
-    if args.device != "cpu":
-        sys.exit("syncs.py counts on the CPU (--device cpu)")
     before = os.environ.get("MMSEC_DEFER_CHECKS")
     os.environ["MMSEC_DEFER_CHECKS"] = "1" if args.defer_checks else "0"
     try:
@@ -139,7 +174,7 @@ def main(argv=None) -> dict:
 
 
 def _count(args) -> dict:
-    C.setup(args)
+    device = C.setup(args)
     import torch
 
     import mmsec.training as training
@@ -163,8 +198,9 @@ def _count(args) -> dict:
 
         module = importlib.import_module(script)
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
-                _patched_train(counted_train), counter.installed(), torch.random.fork_rng():
-            module.main([*argv_, "--repeat", "1"])
+                _patched_train(counted_train), counter.installed(device), \
+                torch.random.fork_rng():
+            module.main([*argv_, "--device", args.device, "--repeat", "1"])
         n = max(1, sum(steps))
         per_step = {k: round(v / n, 3) for k, v in counter.counts.items()}
         rows[name] = {"steps": sum(steps), "per_step": per_step,
