@@ -537,7 +537,7 @@ def train(
         Called at the same steps by every process (under torchrun it all-reduces)."""
         rows, error = loop.deferred.read()
         reduced = None
-        if world > 1:
+        if world > 1 and rows:  # (every process has the same rows: the same steps)
             reduced = _reduce_logs([(logs, weight) for _, _, logs, _, weight in rows])
         for i, (at, ep, logs, lrs, _) in enumerate(rows):
             logs = reduced[i] if reduced is not None else logs
