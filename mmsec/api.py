@@ -50,6 +50,8 @@ class Settings:
     limit: int | None = None
     quiet: bool = False
     image_size: int | None = None  # file-backed (and procedural) data: square side in pixels
+    compile: bool = False  # the image tower through torch.compile (ClipModel.torch_compile)
+    channels_last: bool = False  # the image tower channels-last (ClipModel.channels_last)
     #: scalar back-ends besides scalars.jsonl (``tensorboard``, ``wandb``); None: default
     loggers: tuple[str, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -102,7 +104,8 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
     started = time.perf_counter()
     reg = get_registry()
     # The model loads before the run folder exists: a wrong checkpoint leaves nothing behind.
-    model = reg.load_model(s.model, s.pretrained, device=s.device, precision=s.precision)
+    model = reg.load_model(s.model, s.pretrained, device=s.device, precision=s.precision,
+                           compile=s.compile, channels_last=s.channels_last)
     if s.image_size is None and parse_spec(s.data)[0] in _FILE_SOURCES:
         # Image files load at the model's input size (one antialiased resize, as `zoo train`
         # trains), not at whatever size the first file happens to have.
@@ -126,7 +129,9 @@ def _open(kind: str, plugin: str | None, s: Settings, inputs: RunInputs | None =
                        "split": s.split, "limit": s.limit, "device": str(ctx.device),
                        "precision": model.effective_precision, "seed": s.seed,
                        "strict": s.strict,
-                       **({"image_size": s.image_size} if s.image_size else {}), **s.extra})
+                       **({"image_size": s.image_size} if s.image_size else {}),
+                       **({"compile": True} if s.compile else {}),
+                       **({"channels_last": True} if s.channels_last else {}), **s.extra})
     if model.info.get("source") in reg.models:
         ctx.record_plugin("models", reg.models[model.info["source"]])
     name, _ = parse_spec(s.data)
@@ -518,6 +523,7 @@ def run_recipe(path: str | Path, *, out: str | Path | None = None, quiet: bool =
         s = Settings(model=model, pretrained=pretrained, data=st.data, split=st.split,
                      device=st.device, precision=st.precision, seed=st.seed, limit=st.limit,
                      out=root / st.id, quiet=quiet, image_size=st.image_size,
+                     compile=st.compile, channels_last=st.channels_last,
                      loggers=None if loggers is None else tuple(loggers))
         art = produced[st.artifact_from].get("attack_artifact") if st.artifact_from else None
         trig = produced[st.trigger_from].get("attack_artifact") if st.trigger_from else None

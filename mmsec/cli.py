@@ -123,6 +123,12 @@ def common_options(fn):
     """Options shared by eval, attack and defend."""
     opts = [
         *_model_data_opts(),
+        click.option("--compile", "compile_", is_flag=True,
+                     help="run the image tower through torch.compile (compiled at the first "
+                          "batch; eager, with a warning, where compiling fails)"),
+        click.option("--channels-last", is_flag=True,
+                     help="the image tower in channels-last memory format (pays for "
+                          "convolutional towers on the CPU; embeddings differ by ~1e-7)"),
         click.option("--out", type=click.Path(file_okay=False), default=None,
                      help="run folder (default: ./mmsec-runs/<time>-<kind>-<plugin>)"),
         click.option("--resume", is_flag=True, help="continue the run in --out from its checkpoint"),
@@ -149,6 +155,8 @@ def _settings(kw: dict):
                     split=kw["split"], device=kw["device"], precision=kw["precision"],
                     seed=kw["seed"], out=kw["out"], resume=kw["resume"], strict=kw["strict"],
                     limit=kw["limit"], quiet=kw["quiet"], image_size=kw.get("image_size"),
+                    compile=kw.get("compile_", False),
+                    channels_last=kw.get("channels_last", False),
                     loggers=_loggers(kw.get("loggers")))
 
 

@@ -35,7 +35,8 @@ __all__ = ["Defaults", "Recipe", "ResolvedStep", "Step", "load_recipe", "parse_r
 StepKind = Literal["attack", "defend", "eval"]
 Precision = Literal["fp32", "bf16", "fp16"]
 SETTINGS: tuple[str, ...] = ("model", "pretrained", "data", "device", "precision", "seed", "split",
-                             "limit", "clean_items", "knn_bank", "image_size")
+                             "limit", "clean_items", "knn_bank", "image_size", "compile",
+                             "channels_last")
 _DEVICE_PATTERN = r"^(auto|cpu|mps|cuda(:\d+)?)$"
 
 
@@ -62,6 +63,9 @@ class Defaults(_Strict):
                                                   "bank (0: no kNN metrics)")
     image_size: int | None = Field(None, ge=8, le=4096, description="load file-backed images "
                                                                     "at N x N pixels")
+    compile: bool = Field(False, description="run the image tower through torch.compile")
+    channels_last: bool = Field(False, description="the image tower in channels-last "
+                                                   "memory format")
 
 
 class Step(_Strict):
@@ -82,6 +86,8 @@ class Step(_Strict):
     clean_items: int | None = Field(None, ge=1)
     knn_bank: int | None = Field(None, ge=0)
     image_size: int | None = Field(None, ge=8, le=4096)
+    compile: bool | None = None
+    channels_last: bool | None = None
     model_from: str | None = Field(None, description="use the model an earlier step wrote")
     artifact_from: str | None = Field(None, description="apply an earlier attack's artifact")
     trigger_from: str | None = Field(None, description="measure ASR with an earlier trigger")
@@ -248,6 +254,8 @@ class ResolvedStep:
     clean_items: int
     knn_bank: int
     image_size: int | None = None
+    compile: bool = False
+    channels_last: bool = False
     options: dict[str, Any] = field(default_factory=dict)
     model_from: str | None = None
     artifact_from: str | None = None

@@ -89,3 +89,19 @@ def test_every_benchmark_runs_tiny_and_prints_the_schema(suite, tmp_path, capsys
 def test_the_gpu_script_runs_every_suite_entry():
     text = (BENCH / "gpu.sh").read_text()
     assert "run_all.py\" --device cuda" in text and "$OUT" in text
+
+
+def test_the_training_loop_itself_makes_no_host_device_sync_per_step(suite):
+    # benchmarks/syncs.py counts item()/float()/bool()/tolist()/cpu() inside train(); UAP's
+    # step has none of its own, so what is left is the loop's read-back every READ_EVERY
+    # steps and at the epoch's end
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        row = importlib.import_module("syncs").main(["--only", "uap"])
+    finally:
+        torch.set_num_threads(threads)
+    uap = row["details"]["loops"]["uap"]
+    assert uap["steps"] >= 4 and uap["per_step"].get("step", 0) == 0, uap
+    assert uap["syncs_per_step"] <= 0.5, uap

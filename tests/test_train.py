@@ -159,6 +159,46 @@ def test_a_diverging_loss_stops_with_a_clear_error_before_the_weights_are_touche
     assert torch.isfinite(model.weight).all() and not torch.equal(model.weight, w0)
 
 
+def test_a_diverging_loss_checked_at_read_back_keeps_the_last_good_checkpoint(tmp_path,
+                                                                            monkeypatch):
+    # as on a GPU, where checking every loss at once would be a host-device sync per step
+    monkeypatch.setenv("MMSEC_DEFER_CHECKS", "1")
+    from mmsec.errors import MmsecError
+    from mmsec.scalars import read_scalars
+
+    model = nn.Linear(2, 1)
+
+    def step(x, ctx):
+        return model(x).sum() * (float("nan") if ctx.step == 4 else 1.0)
+
+    with Run.create(tmp_path / "run", "test", "p", quiet=True) as run:
+        with pytest.raises(MmsecError, match="is nan at step 5: training diverged"):
+            train(step, Batches(lambda e: [torch.ones(1, 2)] * 8, 8), Optim(model, lr=0.1),
+                  epochs=1, run=run, checkpoint_every=2)
+        meta = run.load_checkpoint("train")[1]
+    assert meta["step"] == 4  # the checkpoint after step 6 was never written
+    steps = [s for s, _ in read_scalars(tmp_path / "run")[("train", "step")]["loss"]]
+    assert steps == [1, 2, 3, 4]  # the steps before the bad one are logged
+
+
+def test_numbers_read_back_late_are_the_numbers_of_their_step(tmp_path):
+    from mmsec.scalars import read_scalars
+
+    model = nn.Linear(2, 1)
+    counter = torch.zeros(())
+
+    def step(x, ctx):
+        counter.add_(1)  # changed in place after it is logged
+        return {"loss": model(x).sum(), "count": counter, "half": torch.tensor(0.5).half()}
+
+    with Run.create(tmp_path / "run", "test", "p", quiet=True) as run:
+        out = train(step, Batches(lambda e: [torch.ones(1, 2)] * 30, 30),
+                    Optim(model, lr=0.1), epochs=1, run=run, checkpoint_every="never")
+    curves = read_scalars(tmp_path / "run")[("train", "step")]
+    assert curves["count"] == [(i, float(i)) for i in range(1, 31)]
+    assert curves["half"][0] == (1, 0.5) and out.history[0]["count"] == 15.5
+
+
 def test_a_step_without_a_loss_for_an_optimiser_is_an_error_not_a_silent_no_op():
     from mmsec.errors import MmsecError
 

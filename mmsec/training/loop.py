@@ -54,6 +54,90 @@ __all__ = ["StepContext", "TrainResult", "train"]
 
 _AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
+#: optimiser steps between two read-backs of the per-step numbers (also read back at every
+#: checkpoint and epoch end): on a GPU each read-back waits for the queued kernels, so
+#: reading every step would stall the device once per step.
+READ_EVERY = 25
+
+
+class _Deferred:
+    """The numbers of recent steps, kept where the step computed them and read back to the
+    host in one transfer per device by :meth:`read` (a ``float(tensor)`` per number and
+    step would be a host-device sync each).
+
+    Each logged tensor is copied when recorded (a later in-place update of, say, a
+    parameter that a step logs does not change what is logged), as float64 (float32 on
+    MPS, which has no float64): ``float()`` of the copy is ``float()`` of the original.
+    Deferred loss checks (``check``) raise at read-back, naming the first non-finite loss.
+    """
+
+    def __init__(self) -> None:
+        # (step, epoch, {key: float | (index in the row tensor,)}, row tensor, extra floats,
+        # weight under torchrun)
+        self.rows: list[tuple[int, int, dict[str, Any], torch.Tensor | None,
+                              dict[str, float], float]] = []
+        self.checks: list[tuple[str, int, torch.Tensor]] = []  # (optimiser, step, loss)
+
+    @staticmethod
+    def _dtype(t: torch.Tensor) -> torch.dtype:
+        return torch.float32 if t.device.type == "mps" else torch.float64
+
+    def log(self, step: int, epoch: int, logs: Mapping[str, Any],
+            extra: Mapping[str, float], weight: float = 1.0) -> None:
+        tensors = [v for v in logs.values() if isinstance(v, torch.Tensor)]
+        row = None
+        if tensors:
+            dev, dt = tensors[0].device, self._dtype(tensors[0])
+            row = torch.stack([t.detach().reshape(()).to(device=dev, dtype=dt)
+                               for t in tensors])
+        values: dict[str, Any] = {}
+        i = 0
+        for k, v in logs.items():
+            if isinstance(v, torch.Tensor):
+                values[k], i = (i,), i + 1
+            else:
+                values[k] = v
+        self.rows.append((step, epoch, values, row, dict(extra), weight))
+
+    def check(self, name: str, step: int, loss: torch.Tensor) -> None:
+        loss = loss.detach()
+        self.checks.append((name, step, loss.to(self._dtype(loss)).sum()))
+
+    def read(self) -> tuple[list[tuple[int, int, dict[str, float], dict[str, float], float]],
+                            MmsecError | None]:
+        """The recorded rows as ``(step, epoch, numbers, extra, weight)``, oldest first, and
+        emptied; with the error of the first non-finite checked loss, if any (then only the
+        rows of the steps before it)."""
+        rows, checks = self.rows, self.checks
+        self.rows, self.checks = [], []
+        parts = [r[3] for r in rows if r[3] is not None] + [c[2].reshape(1) for c in checks]
+        host: list[list[float]] = [[] for _ in parts]
+        by_device: dict[torch.device, list[int]] = {}
+        for i, t in enumerate(parts):
+            by_device.setdefault(t.device, []).append(i)
+        for idx in by_device.values():  # one transfer (one sync) per device
+            flat = torch.cat([parts[i] for i in idx]).tolist()
+            at = 0
+            for i in idx:
+                host[i], at = flat[at:at + parts[i].numel()], at + parts[i].numel()
+        out, j = [], 0
+        for step, epoch, values, row, extra, weight in rows:
+            got = host[j] if row is not None else []
+            j += row is not None
+            out.append((step, epoch, {k: got[v[0]] if isinstance(v, tuple) else v
+                                      for k, v in values.items()}, extra, weight))
+        for n, (name, step, _) in enumerate(checks):
+            value = host[j + n][0]
+            if not math.isfinite(value):
+                return [r for r in out if r[0] < step], _diverged(name, step, value)
+        return out, None
+
+
+def _diverged(name: str, step: int, value: float) -> MmsecError:
+    return MmsecError(f"the loss of optimiser {name!r} is {value:g} at step {step}: training "
+                      "diverged (lower the learning rate, set grad_clip, or check the data); "
+                      "the last checkpoint is kept")
+
 
 @dataclass
 class TrainResult:
@@ -106,6 +190,14 @@ class _Loop:
             self.amp_dtype is torch.float16 and device.type == "cuda"))
         self.pending: set[str] = set()
         self.gstep = 0
+        # a non-finite loss stops training before the optimiser steps (the weights stay as
+        # they were) when checked at once; on an accelerator that check is a host-device
+        # sync per loss, so there it is deferred to the next read-back of the step numbers
+        # (before any checkpoint: the last checkpoint is still a good one, but the weights
+        # in memory may have taken the bad steps). MMSEC_DEFER_CHECKS=1/0 forces either.
+        env = os.environ.get("MMSEC_DEFER_CHECKS")
+        self.defer_checks = device.type != "cpu" if env not in ("0", "1") else env == "1"
+        self.deferred = _Deferred()
         #: this process's loss weight: world size x its share of the global batch (1 alone)
         self.weight = 1.0
         self.world = distributed.world_size()
@@ -137,12 +229,12 @@ class _Loop:
         if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
             raise MmsecError(f"the loss of optimiser {name!r} does not depend on its "
                              "parameters (no gradient)")
-        if not self.scaler.is_enabled() and not bool(torch.isfinite(loss.detach()).all()):
-            # (fp16 with a grad scaler skips such steps itself)
-            raise MmsecError(f"the loss of optimiser {name!r} is {float(loss.detach()):g} at "
-                             f"step {self.gstep + 1}: training diverged (lower the learning "
-                             "rate, set grad_clip, or check the data); the last checkpoint "
-                             "is kept")
+        if self.scaler.is_enabled():
+            pass  # fp16 with a grad scaler skips such steps itself
+        elif self.defer_checks:
+            self.deferred.check(name, self.gstep + 1, loss)
+        elif not bool(torch.isfinite(loss.detach()).all()):
+            raise _diverged(name, self.gstep + 1, float(loss.detach()))
         scaled = self.scaler.scale(loss.float() * (self.weight / self.accumulate))
         with torch.autocast(self.device.type, enabled=False):  # backward outside autocast
             scaled.backward(inputs=self.params[name])
@@ -212,7 +304,7 @@ def _average_grads(params: Sequence[torch.Tensor]) -> None:
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32,
                        device=params[0].device)
     buf = distributed.all_reduce(torch.cat([*flat, has]), op="mean")
-    got = buf[buf.numel() - len(params):]
+    got = buf[buf.numel() - len(params):].tolist()  # one sync, not one per parameter
     offset = 0
     for i, p in enumerate(params):
         size = p.numel()
@@ -225,13 +317,21 @@ def _average_grads(params: Sequence[torch.Tensor]) -> None:
         offset += size
 
 
-def _reduce_logs(logs: dict[str, float], weight: float) -> dict[str, float]:
-    """The share-weighted mean of each logged number over processes (one all-reduce; every
-    process runs the same step, so the same names)."""
-    keys = sorted(logs)
-    vals = torch.tensor([logs[k] * weight for k in keys] + [weight], dtype=torch.float64)
-    vals = distributed.all_reduce(vals)
-    return {k: float(vals[i] / vals[-1]) for i, k in enumerate(keys)}
+def _reduce_logs(rows: Sequence[tuple[dict[str, float], float]]) -> list[dict[str, float]]:
+    """The share-weighted mean of each logged number of each ``(numbers, weight)`` row over
+    processes (one all-reduce for all rows; every process runs the same steps, so the same
+    names)."""
+    keys = [sorted(logs) for logs, _ in rows]
+    flat = [v for (logs, w), ks in zip(rows, keys, strict=True)
+            for v in [logs[k] * w for k in ks] + [w]]
+    vals = distributed.all_reduce(torch.tensor(flat, dtype=torch.float64))
+    out, at = [], 0
+    for ks in keys:
+        n = len(ks)
+        row = vals[at:at + n + 1]
+        out.append(dict(zip(ks, (row[:n] / row[n]).tolist(), strict=True)))
+        at += n + 1
+    return out
 
 
 def _jsonable_state(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -268,9 +368,11 @@ def _load_module_state(state: Mapping[str, nn.Module | Sequence[torch.Tensor]],
                              ) from None
 
 
-def _number(v: Any) -> float | None:
+def _number(v: Any) -> float | torch.Tensor | None:
+    """A loggable number: a one-element tensor (read back later, see :class:`_Deferred`),
+    a float, or None."""
     if isinstance(v, torch.Tensor):
-        return float(v.detach()) if v.numel() == 1 else None
+        return v if v.numel() == 1 else None
     if isinstance(v, (int, float)) and not isinstance(v, bool):
         return float(v)
     return None
@@ -355,7 +457,10 @@ def train(
 
     Every optimiser step's numbers (and each optimiser's learning rate) and every epoch's
     means go to ``run.log_scalars`` (the run folder's ``scalars.jsonl``, TensorBoard or
-    W&B: :mod:`mmsec.scalars`).
+    W&B: :mod:`mmsec.scalars`). The numbers stay where the step computed them and are read
+    back together every :data:`READ_EVERY` steps, at each checkpoint and at each epoch's end
+    (one host-device sync then, none per step); a non-finite loss is caught at once on the
+    CPU and at the next read-back elsewhere (``MMSEC_DEFER_CHECKS``, see ``_Loop``).
     """
     specs = {"loss": optimizers} if isinstance(optimizers, Optim) else dict(optimizers)
     if not specs:
@@ -426,6 +531,23 @@ def train(
             "optimizers": {n: s.describe() for n, s in specs.items()}, **opt_meta,
         }, slot=slot)
 
+    def read_back() -> None:
+        """Read the numbers of the steps since the last read-back (one host-device sync),
+        add them to the epoch's sums and log them; raise for a non-finite loss among them.
+        Called at the same steps by every process (under torchrun it all-reduces)."""
+        rows, error = loop.deferred.read()
+        reduced = None
+        if world > 1 and rows:  # (every process has the same rows: the same steps)
+            reduced = _reduce_logs([(logs, weight) for _, _, logs, _, weight in rows])
+        for i, (at, ep, logs, lrs, _) in enumerate(rows):
+            logs = reduced[i] if reduced is not None else logs
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if log_scalars is not None:
+                log_scalars(desc, at, {**logs, **lrs}, epoch=ep)
+        if error is not None:
+            raise error
+
     modes = [m.training for m in train_modules]
     for m in train_modules:
         m.train()
@@ -465,7 +587,7 @@ def train(
                     out = step(batch, ctx)
                 if isinstance(out, torch.Tensor):
                     out = {"loss": out}
-                logs: dict[str, float] = {}
+                logs: dict[str, float | torch.Tensor] = {}
                 for name in specs:
                     key = "loss" if single and "loss" in out else name
                     loss = out.get(key)
@@ -483,8 +605,6 @@ def train(
                     number = _number(value)
                     if number is not None:
                         logs[f"loss_{key}" if key in specs and key != "loss" else key] = number
-                if world > 1:
-                    logs = _reduce_logs(logs, shard.weight if shard else 0.0)
                 position += 1
                 loop.micro += 1
                 if loop.micro < accumulate:
@@ -495,14 +615,16 @@ def train(
                 loop.micro = 0
                 gstep += 1
                 count += 1
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                if log_scalars is not None:
-                    log_scalars(desc, gstep, {**logs, **loop.lrs()}, epoch=epoch)
-                if hasattr(it, "set_postfix") and count % 10 == 0 and "loss" in sums:
-                    it.set_postfix(loss=f"{sums['loss'] / count:.4f}")
-                if save and isinstance(checkpoint_every, int) and gstep % checkpoint_every == 0:
+                loop.deferred.log(gstep, epoch, logs, loop.lrs(),
+                                  shard.weight if shard else 0.0)
+                at_checkpoint = isinstance(checkpoint_every, int) and gstep % checkpoint_every == 0
+                if at_checkpoint or count % READ_EVERY == 0:
+                    read_back()
+                    if hasattr(it, "set_postfix") and "loss" in sums:
+                        it.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+                if save and at_checkpoint:
                     checkpoint(epoch, position)
+            read_back()
             starved = [n for n in specs if n not in fed]
             if starved and count:
                 raise MmsecError(f"{desc}: no loss for optimiser(s) {', '.join(starved)} in a "
@@ -539,6 +661,11 @@ def train(
             if gstep >= total:
                 break
     finally:
+        if world == 1 and (loop.deferred.rows or loop.deferred.checks):
+            # an error (or ^C) mid-epoch: log the steps taken before it, as when every step
+            # was logged at once (several processes would have to meet to reduce them)
+            with contextlib.suppress(Exception):
+                read_back()
         synced.close()
         for m, mode in zip(train_modules, modes, strict=True):
             m.train(mode)
