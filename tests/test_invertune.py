@@ -152,40 +152,45 @@ def _short_implant(short_implants, trigger: str):
     return victim, spec, path, (x, y, head, target, clean)
 
 
-@pytest.mark.slow
-def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, short_implants):
+def _chain(registry, tmp_path, short_implants, trigger: str):
     """Implant (backdoor plugin, short schedule) -> InverTune with its defaults (no simulator
     and no target given: the probes identify it) -> CA/ASR with the real trigger, which the
     defense never sees."""
-    victim, spec, path, (x, y, head, target, clean) = _short_implant(short_implants, "sig")
+    victim, spec, path, (x, y, head, target, clean) = _short_implant(short_implants, trigger)
     ca0, asr0 = _ca_asr(victim, x, y, spec, head, target)
     with run_context(tmp_path / "defend", registry, trigger=path) as run:
         repaired = InverTune().apply(victim, clean, run)
         metrics = dict(run.metrics)
+        suspects = run.run.fields.get("suspects")
     ca1, asr1 = _ca_asr(repaired, x, y, spec, head, target)
-    print(f"chain: CA {ca0:.3f} -> {ca1:.3f}, ASR {asr0:.3f} -> {asr1:.3f}")
-    assert metrics["identified_target"] == target and metrics["target_identified"] == 1.0
-    assert asr1 <= 0.2 * asr0, (asr0, asr1)  # most of the ASR is gone ...
-    assert ca1 >= ca0 - 0.04, (ca0, ca1)  # ... at a small cost of CA
     ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
-    assert ranking[0]["class"] == target
+    print(f"{trigger} chain: CA {ca0:.3f} -> {ca1:.3f}, ASR {asr0:.3f} -> {asr1:.3f}; "
+          f"ranking {[(r['name'], round(r['lead'], 2), r['family']) for r in ranking[:3]]}; "
+          f"suspects {suspects}; target {target}")
+    assert metrics["true_target_suspected"] == 1.0  # inverted and tuned away ...
+    assert asr1 <= 0.2 * asr0, (asr0, asr1)  # ... so most of the ASR is gone ...
+    assert ca1 >= ca0 - 0.04, (ca0, ca1)  # ... at a small cost of CA
     assert (tmp_path / "defend" / "artifacts" / "real-trigger.png").exists()
+    return metrics, ranking, target
 
 
 @pytest.mark.slow
-def test_probes_find_a_short_badnets_implant_on_embedded_model(registry, tmp_path,
-                                                               short_implants):
-    """``simulator: auto`` with 16 patch starts per place (identification only) finds the
-    target of a short BadNets implant: a 6-px code at the bottom-right corner, trained with
-    decoys (other codes at the same place, true captions), so only the exact code fires
-    it. One start (the default) finds it for about half of the probe seeds."""
-    victim, spec, path, (x, y, head, target, clean) = _short_implant(short_implants,
-                                                                    "badnets")
-    with run_context(tmp_path / "defend", registry, trigger=path) as run:
-        InverTune({"stages": "identify", "probe_patch_starts": 16}).apply(victim, clean, run)
-        metrics = dict(run.metrics)
-    ranking = json.loads((tmp_path / "defend" / "artifacts" / "target_ranking.json").read_text())
-    print("badnets ranking:", [(r["name"], round(r["lead"], 2), r["family"]) for r in ranking])
+def test_chain_removes_a_sig_backdoor_on_embedded_model(registry, tmp_path, short_implants):
+    """SIG: the L-inf probe reaches the target; a natural patch sink ("ring") can lead the
+    patch family by more (16 starts per place lift it), and both are then suspects."""
+    metrics, ranking, target = _chain(registry, tmp_path, short_implants, "sig")
+    top2 = [r["class"] for r in ranking[:2]]
+    assert target in top2, ranking[:3]
+    assert metrics["suspect_count"] >= 1 + (ranking[0]["class"] != target)
+
+
+@pytest.mark.slow
+def test_chain_removes_a_short_badnets_backdoor_on_embedded_model(registry, tmp_path,
+                                                                  short_implants):
+    """BadNets: a 6-px code at the bottom-right corner, trained with decoys (other codes at
+    the same place, true captions), so only the exact code fires it; the patch probe's 16
+    random starts per place (the default) find it, and it ranks first by far."""
+    metrics, ranking, target = _chain(registry, tmp_path, short_implants, "badnets")
     assert metrics["identified_target"] == target and metrics["target_identified"] == 1.0
     assert ranking[0]["family"] == "patch" and ranking[0]["rate_patch"] > 0.9
     assert metrics["target_confident"] == 1.0

@@ -83,16 +83,30 @@ class InverTune(Defense):
         probe_patch_grid: int = Field(2, ge=1, le=8, description="auto: patch places per side "
                                                                  "(and the centre)")
         probe_patch_starts: int = Field(
-            1, ge=1, le=64, description="auto: random starts per patch place, halved by "
-                                        "training loss until one is left; 16 finds a "
-                                        "decoy-trained BadNets code reliably, but also "
-                                        "lifts natural patch sinks (see probes.py)")
+            16, ge=1, le=64, description="auto: random starts per patch place, halved by "
+                                         "training loss until one is left (a decoy-trained "
+                                         "BadNets code is found from ~1 start in 3; see "
+                                         "probes.py)")
         probe_eps: float = fields.eps(16 / 255, "auto: additive probe's L-inf budget")
         probe_warp_strength: float = Field(0.1, gt=0, le=0.5,
                                            description="auto: warp probe's largest "
                                                        "displacement / image side")
         probe_warp_grid: int = Field(4, ge=2, le=32, description="auto: warp control points "
                                                                  "per side")
+        suspects: int = Field(
+            3, ge=1, le=3, description="auto: classes inverted and tuned away: the top class "
+                                       "and, up to this many in all, the other families' "
+                                       "leaders with a lead of at least suspect_lead (a "
+                                       "natural sink can outrank the target in another "
+                                       "family); 1 = the top class only (the paper)")
+        suspect_rounds: int = Field(
+            1, ge=1, le=10, description="auto: rounds in which the suspects after the first "
+                                        "are inverted and tuned (a natural sink's trigger is "
+                                        "found again at ~100% every round: more rounds only "
+                                        "cost accuracy)")
+        suspect_lead: float = Field(
+            0.3, ge=0, description="auto: a family's leader this far ahead of its runner-up "
+                                   "(log-odds) is a suspect next to the top class")
         min_confidence: float = Field(
             1.0, ge=0, description="auto: the top class's lead over the runner-up of its "
                                    "family (log-odds) below which the report says no class "
@@ -174,47 +188,69 @@ class InverTune(Defense):
         true_target = _true_target(run.inputs.trigger, names)
 
         target = _parse_target(o.target, names) if o.target is not None else None
-        extra = []  # perturbations tuned away next to the inverted trigger
-        found = None  # the probe that identified the target (simulator auto)
-        family = None
+        suspects: list[_Suspect] = []
         if "identify" in o.stages:
             with run.timer("invertune_identify"):
-                ranked, simulated, family = self.identify(model, data, idx, x, head, names,
-                                                          run, true_target)
-            if target is None:
-                target = ranked[0]
-            if target == ranked[0] and simulated is not None:
-                found = simulated
-                if o.tune_simulator:
-                    extra.append(simulated)
+                ranked, suspects = self.identify(model, data, idx, x, head, names, run,
+                                                 true_target)
+            if target is not None:  # ablation: the given target only
+                top = suspects[0]
+                suspects = [top if top.target == target else _Suspect(target, None, None)]
+        else:
+            suspects = [_Suspect(target, None, None)]
         if "invert" not in o.stages:
             return model
-        warp = o.inversion == "warp" or (o.inversion == "auto" and family == "warp")
-        run.set("inversion", "warp" if warp else "mask")
+        kinds = ["warp" if o.inversion == "warp" or (o.inversion == "auto"
+                                                     and sp.family == "warp") else "mask"
+                 for sp in suspects]
+        run.set("inversion", kinds[0])
         current = model
         rounds = o.rounds if "tune" in o.stages else 1
         done = 0
+        live = list(range(len(suspects)))
+        tuned = set()  # suspects whose trigger was tuned away in some round
         for r in range(rounds):
-            tag = _round_tag(r)
-            with run.timer(f"invertune_invert{tag}"):
-                trig, inv_asr = self.invert(current, x, y, head, target, names, run, r,
-                                            warp=warp, init=found if r == 0 else None)
-            if r > 0 and inv_asr < o.stop_asr:
-                run.log.info("invertune: round %d's inverted trigger reaches %.1f%% (< %.0f%%):"
-                             " nothing left to tune", r + 1, 100 * inv_asr, 100 * o.stop_asr)
+            triggers, extra = [], []  # extra: the probes that found them, tuned away too
+            if r == o.suspect_rounds:  # the other suspects' rounds are over
+                live = live[:1] if live and live[0] == 0 else []
+            for j in list(live):
+                sp = suspects[j]
+                tag = _round_tag(r) + _suspect_tag(j, sp.target)
+                with run.timer(f"invertune_invert{tag}"):
+                    trig, inv_asr = self.invert(current, x, y, head, sp.target, names, run, r,
+                                                warp=kinds[j] == "warp",
+                                                init=sp.probe if r == 0 else None,
+                                                tag=tag)
+                # a later round's trigger that no longer works, or another suspect whose
+                # trigger never did: nothing (left) to tune away for that class
+                if (r > 0 or j > 0) and inv_asr < o.stop_asr:
+                    run.log.info("invertune: %s's inverted trigger%s reaches %.1f%% "
+                                 "(< %.0f%%): not tuned", names[sp.target],
+                                 f" (round {r + 1})" if r else "", 100 * inv_asr,
+                                 100 * o.stop_asr)
+                    live.remove(j)
+                    continue
+                triggers.append((trig, sp.target))
+                if o.tune_simulator and sp.probe is not None:
+                    extra.append((sp.probe, sp.target))
+            if not triggers:
+                run.log.info("invertune: round %d: nothing left to tune", r + 1)
                 break
+            tuned.update(t for _, t in triggers)
             if "tune" in o.stages:
-                with run.timer(f"invertune_tune{tag}"):
-                    current = self.tune(current, x, [trig, *extra], head, target, run, r)
+                with run.timer(f"invertune_tune{_round_tag(r)}"):
+                    current = self.tune(current, x, triggers, head, run, r, extra=extra)
             done += 1
         run.metrics["rounds_done"] = float(done)
+        run.metrics["suspects_tuned"] = float(len(tuned))
         return current
 
     # ------------------------------------------------------------------ stage 1
     def identify(self, model, data, idx, x, head, names, run, true_target):
-        """Rank classes by how easily a universal change reaches them; returns the ranking,
-        the perturbation that identified the top class (a function of pixels) and its trigger
-        family (``None`` for an untargeted simulator)."""
+        """Rank classes by how easily a universal change reaches them; returns the ranking
+        and the suspects to invert and tune away (the top class first), each with the
+        perturbation that found it (a function of pixels) and its trigger family (``None``
+        for an untargeted simulator)."""
         o = self.options
         sim = o.simulator
         if sim == "auto":
@@ -261,7 +297,8 @@ class InverTune(Defense):
             f"**{names[ranked[0]]}** (class {ranked[0]}).{known}\n\n"
             f"| rank | class | share clean | share attacked | rise |\n|---|---|---|---|---|\n"
             f"{table}\n"))
-        return ranked, (lambda pixels: attack.perturb(artifact, pixels)), None
+        return ranked, [_Suspect(ranked[0], lambda pixels: attack.perturb(artifact, pixels),
+                                 None)]
 
     def identify_by_probes(self, model, x, head, names, run, true_target):
         """``simulator: auto``: a targeted probe of each family towards each candidate class
@@ -347,7 +384,32 @@ class InverTune(Defense):
         found = best.get(top)
         if found is not None and found.family == "patch":
             run.save_image("probe-patch", _on_grey(found, h, w), scale=8, report=True)
-        return ranked, found, fam_of[top] or None
+        suspects = [_Suspect(top, found, fam_of[top] or None)]
+        # the other families' leaders, strongest first: a natural sink (reached from nearly
+        # every image by a patch or a full-image pattern on a small model) can lead its
+        # family by more than the target leads its own
+        others = []
+        for fi, fam in enumerate(o.probe_families):
+            k = int(lead[fi].argmax())
+            v = float(lead[fi, k])
+            if k != top and v >= o.suspect_lead and (fam, k) in trials:
+                others.append((v, k, fam))
+        for _v, k, fam in sorted(others, key=lambda t: -t[0]):
+            if len(suspects) < o.suspects and k not in [sp.target for sp in suspects]:
+                suspects.append(_Suspect(k, trials[fam, k], fam))
+        run.set("suspects", [names[sp.target] for sp in suspects])
+        run.metrics["suspect_count"] = float(len(suspects))
+        if true_target is not None:
+            run.metrics["true_target_suspected"] = float(
+                true_target in [sp.target for sp in suspects])
+        if len(suspects) > 1:
+            run.add_section("InverTune 1b: suspects", (
+                "Inverted and tuned away (each family's leader at least "
+                f"{o.suspect_lead:g} ahead of its runner-up, up to {o.suspects}): "
+                + ", ".join(f"`{names[sp.target]}` ({sp.family})" for sp in suspects)
+                + ". A later suspect whose inverted trigger reaches fewer than "
+                f"{o.stop_asr:.0%} of the clean images is dropped.\n"))
+        return ranked, suspects
 
     def _probe(self, family: str, h: int, w: int, gen: torch.Generator,
                starts: int | None = None) -> nn.Module:
@@ -390,7 +452,7 @@ class InverTune(Defense):
 
     # ------------------------------------------------------------------ stage 2
     def invert(self, model, x, y, head, target: int, names, run, rnd: int = 0, *,
-               warp: bool = False, init=None):
+               warp: bool = False, init=None, tag: str | None = None):
         """Learn mask and pattern (and with ``warp`` a smooth flow field under them) that
         send non-target images to ``target``; returns the inverted trigger (a function of
         the pixels) and the share of non-target clean images it sends to the target.
@@ -398,7 +460,8 @@ class InverTune(Defense):
         ``init``: the patch or warp probe that identified the target starts the search where
         it found the backdoor (its place and pattern, or its flow field).
 
-        ``rnd`` is the round (0-based; keys of later rounds end in ``_r2``, ``_r3``, ...).
+        ``rnd`` is the round (0-based; keys of later rounds end in ``_r2``, ``_r3``, ...);
+        ``tag`` overrides that suffix (later suspects add ``_c<class>``).
         Each round's inversion has its own checkpoint slot, so a resumed run continues it (or
         reuses it when it had finished).
         """
@@ -407,7 +470,7 @@ class InverTune(Defense):
         if len(others) == 0:
             raise MmsecError("invertune: no clean non-target images to invert the trigger on")
         device = model.device
-        tag = _round_tag(rnd)
+        tag = _round_tag(rnd) if tag is None else tag
         tgt_imgs = x[y == target]
         with torch.no_grad():
             if len(tgt_imgs):
@@ -476,7 +539,8 @@ class InverTune(Defense):
         real = _real_trigger_preview(run, h, w) if not tag else None
         if real is not None:
             run.save_image("real-trigger", real, scale=8, report=True)
-        title = "InverTune 2: trigger inversion" + (f" (round {rnd + 1})" if rnd else "")
+        title = ("InverTune 2: trigger inversion" + (f" (round {rnd + 1})" if rnd else "")
+                 + (f", suspect `{names[target]}`" if "_c" in tag else ""))
         run.add_section(title, (
             f"Target `{names[target]}`; {o.invert_epochs} epochs of {steps_per_epoch} steps on "
             f"{n} non-target clean images. Last epoch: "
@@ -491,12 +555,13 @@ class InverTune(Defense):
         return frozen.apply, inv_asr
 
     # ------------------------------------------------------------------ stage 3
-    def tune(self, model, x, poisons, head, target, run, rnd: int = 0):
-        """Fine-tune a copy's image tower so the triggers in ``poisons`` (functions of the
-        pixels: the inverted trigger first, then the simulator's perturbation if any) no longer
-        move the critical neurons of the most shifted stages, while clean embeddings stay
-        where they were."""
+    def tune(self, model, x, triggers, head, run, rnd: int = 0, *, extra=()):
+        """Fine-tune a copy's image tower so the inverted triggers (``(function of the pixels,
+        target)`` pairs, the top suspect first) and the ``extra`` perturbations (the probes or
+        simulator that found the suspects, same form) no longer move the critical neurons of
+        the most shifted stages, while clean embeddings stay where they were."""
         o = self.options
+        poisons = [p for p, _ in triggers] + [p for p, _ in extra]
         device = model.device
         tag = _round_tag(rnd)
         repaired = copy.deepcopy(model)
@@ -539,23 +604,27 @@ class InverTune(Defense):
 
         def step(batch, _ctx):
             xb, ob = batch
+            # each perturbation is applied to the first ``m`` images: all of them for one or
+            # two (the top suspect's trigger and probe), fewer for more suspects, so that a
+            # step costs about 3 batches whatever their number
+            m = min(len(xb), max(8, 2 * len(xb) // len(poisons)))
             # the tower stays in eval mode: triggered images must not shift batch-norm statistics
             emb, acts = repaired.forward_features(
-                torch.cat([xb, *(p(xb) for p in poisons)]), chosen, pooled=False)
+                torch.cat([xb, *(p(xb[:m]) for p in poisons)]), chosen, pooled=False)
             act_loss = 0.0
             for name in chosen:
-                ac, *ats = acts[name].split(len(xb))
-                for i, at in enumerate(ats):
+                ac, rest = acts[name][:len(xb)], acts[name][len(xb):]
+                for i, at in enumerate(rest.split(m)):
                     mk = masks[i, name]
                     # norms over the whole batch: a per-image ratio explodes on images whose
                     # critical neurons are silent (ReLU zeros) and drowns the other terms
-                    act_loss = act_loss + ((mk * (ac - at)).norm()
-                                           / (mk * ac).norm().clamp_min(1e-6))
+                    act_loss = act_loss + ((mk * (ac[:m] - at)).norm()
+                                           / (mk * ac[:m]).norm().clamp_min(1e-6))
             keep = (emb[:len(xb)] - ob).norm(dim=-1).mean()
             loss = act_loss + o.w_preserve * keep
             out = {"act": act_loss.detach(), "preserve": keep.detach()}
             if o.w_invariance:  # a triggered image's embedding back to its clean one
-                inv = (emb[len(xb):].view(len(poisons), len(xb), -1) - ob).norm(dim=-1).mean()
+                inv = (emb[len(xb):].view(len(poisons), m, -1) - ob[:m]).norm(dim=-1).mean()
                 loss = loss + o.w_invariance * inv
                 out["invariance"] = inv.detach()
             return {"loss": loss, **out}
@@ -575,13 +644,21 @@ class InverTune(Defense):
             if "invariance" in hist[-1]:
                 m["tune_invariance_last"] = float(hist[-1]["invariance"])
         with torch.no_grad():
-            others = x[:512].to(device)
-            keep = others[(_predict(model, others, head) != target).to(device)]
-            rates = [float((_predict(repaired, p(keep), head) == target).float().mean())
-                     if len(keep) else float("nan") for p in poisons]
+            sample = x[:512].to(device)
+            before = _predict(model, sample, head).to(device)
+
+            def rate(p, target):
+                keep = sample[before != target]
+                return (float((_predict(repaired, p(keep), head) == target).float().mean())
+                        if len(keep) else float("nan"))
+
+            rates = [rate(p, t) for p, t in triggers]
+            sims = [rate(p, t) for p, t in extra]
             m["inverted_asr_after_tune"] = rates[0]
-            if len(rates) > 1:
-                m["simulator_target_rate_after_tune"] = rates[1]
+            for (_, t), v in list(zip(triggers, rates, strict=True))[1:]:
+                m[f"inverted_asr_after_tune_c{t}"] = v
+            if sims:
+                m["simulator_target_rate_after_tune"] = sims[0]
         run.metrics.update({k + tag: v for k, v in m.items()})
         rows = "\n".join(f"| {n} | {shift[n]:.4f} | {'yes' if n in chosen else ''} | "
                          f"{(f'{float(masks[0, n].mean()):.1%}' if n in chosen else '')} |"
@@ -594,8 +671,10 @@ class InverTune(Defense):
             f"{m.get('tune_act_loss_first', float('nan')):.4f} -> "
             f"{m.get('tune_act_loss_last', float('nan')):.4f}; target rate after tuning "
             f"(clean non-target images): inverted trigger {m['inverted_asr_after_tune']:.1%}"
-            + (f", simulator {m['simulator_target_rate_after_tune']:.1%}" if len(rates) > 1
-               else "") + ".\n\n"
+            + "".join(f", suspect {t}'s {v:.1%}" for (_, t), v in zip(triggers[1:], rates[1:],
+                                                                        strict=True))
+            + (f", probes/simulator {', '.join(f'{v:.1%}' for v in sims)}" if sims else "")
+            + ".\n\n"
             f"| stage | relative shift | tuned | critical neurons |\n|---|---|---|---|\n{rows}\n"))
         return repaired
 
@@ -660,6 +739,19 @@ class _Trigger(nn.Module):
 def _on_grey(perturb, h: int, w: int) -> torch.Tensor:
     """A perturbation applied to a mid-grey image ``[3, H, W]`` (for the report)."""
     return perturb(torch.full((1, 3, h, w), 0.5))[0].detach().cpu().clamp(0, 1)
+
+
+class _Suspect:
+    """A class to invert and tune away: ``probe`` is the perturbation that found it (a
+    function of pixels, or ``None``), ``family`` its trigger family (``None``: unknown)."""
+
+    def __init__(self, target: int, probe, family: str | None) -> None:
+        self.target, self.probe, self.family = target, probe, family
+
+
+def _suspect_tag(j: int, target: int) -> str:
+    """Suffix of a later suspect's keys and files (``_c<class>``); the top class has none."""
+    return "" if j == 0 else f"_c{target}"
 
 
 def _round_tag(rnd: int) -> str:

@@ -28,10 +28,11 @@ Families (each a small module holding the trigger's parameters; ``apply(x)`` map
   they compete: the target then reached >= 90% for 10 of 10 probe seeds on that implant
   and 9 of 10 on a 400-step one (one start: 4 of 7; 8 starts halved with 8 images each:
   9/10 and 7/10; 16 starts cut to one at step 10: 6/10), at about twice the patch probe's
-  time (the halving keeps it there: all 16 starts for 40 steps would cost 4x). Not the
-  default (``probe_patch_starts`` 1): the starts lift natural patch sinks too (their patch
-  rates rose by ~0.05 on average), and on the CI's short SIG implant the sink "ring"
-  (patch) then outranked the SIG target (L-inf), which one start ranks first.
+  time (the halving keeps it there: all 16 starts for 40 steps would cost 4x). The starts
+  lift natural patch sinks too (their patch rates rose by ~0.05 on average): on the CI's
+  short SIG implant the sink "ring" (patch) then outranked the SIG target (L-inf), which is
+  why InverTune inverts and tunes away every family's clear leader, not the top class
+  alone (its ``suspects``).
 - :class:`AdditiveProbe`: one L-inf perturbation of the whole image (``eps``): Blended and
   SIG triggers are full-image additive changes.
 - :class:`WarpProbe`: a smooth flow field (a ``grid x grid`` lattice of offsets, upsampled
