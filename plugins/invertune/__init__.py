@@ -45,6 +45,22 @@ from nearly every image by its own family, well ahead of the runner-up (on zoo:s
 BadNets: the target 99.6% with a patch, the next class 83%; the sink 88% with an L-inf
 perturbation, the target itself 66% behind it). Where that fails, and why (BadNets trained with decoys), is in the README.
 
+Suspects. On a small model a natural sink can lead its own family by more than the
+target leads the target's: a 10-px patch sends 99% of zoo:shapes images to "ring" and an
+L-inf 16/255 pattern 98-99%, so on a weak WaNet implant "ring" ranked first (lead 2.6, the
+target 0.4 in the warp family), and on a short SIG implant the patch sink outranked the SIG
+target (3.5 vs 1.8) once the patch probe had 16 starts. Telling the two apart from the
+probes alone failed on every rule tried (lead gap, lead ratio, reach in a second family), so
+InverTune does not choose:
+the top class and every other family's leader at least ``suspect_lead`` (0.3) ahead of
+its runner-up, up to ``suspects`` (3; 1 = the top class only, as the paper), are inverted
+and tuned away. The top class gets its ``rounds`` as before; each other suspect then gets
+one inversion and one tuning pass of its own (a sink's trigger is found again at ~100% in
+every round, so more would only cost accuracy; tuned all together in one pass, each
+perturbation's share of a step shrank and the top class's backdoor survived: zoo:shapes
+SIG, 7.6% ASR left instead of 1.2%). What the extra passes cost where the top class was
+already the target is in the README's table (CA about 0.5-1 point).
+
 Where mmsec departs from the paper, and why (measured on the zoo models, see the README):
 
 - ``tune_simulator`` (default on): stage 3 also tunes away the simulator's perturbation,
