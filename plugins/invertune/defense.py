@@ -99,6 +99,11 @@ class InverTune(Defense):
                                        "leaders with a lead of at least suspect_lead (a "
                                        "natural sink can outrank the target in another "
                                        "family); 1 = the top class only (the paper)")
+        suspect_rounds: int = Field(
+            1, ge=1, le=10, description="auto: invert+tune rounds of each suspect after the "
+                                        "first, after the first's rounds (a natural sink's "
+                                        "trigger is found again at ~100% every round: more "
+                                        "rounds mostly cost accuracy)")
         suspect_lead: float = Field(
             0.3, ge=0, description="auto: a family's leader this far ahead of its runner-up "
                                    "(log-odds) is a suspect next to the top class")
@@ -219,24 +224,26 @@ class InverTune(Defense):
                                         extra=self._found_by(top))
             done += 1
         run.metrics["rounds_done"] = float(done)
-        # the other suspects: one inversion and one tuning pass each, after the top class's
-        # rounds (tuned together with it, each perturbation's share of a step shrank and
+        # the other suspects: ``suspect_rounds`` inversion and tuning passes each, after the
+        # top class's rounds (tuned together with it, each perturbation's share of a step shrank and
         # the top class's backdoor survived: zoo:shapes SIG, ASR 1.6% -> 7.6%)
         tuned = 1
         for j, sp in enumerate(suspects[1:] if "tune" in o.stages else [], start=1):
-            tag = _suspect_tag(j, sp.target)
-            with run.timer(f"invertune_invert{tag}"):
-                trig, inv_asr = self.invert(current, x, y, head, sp.target, names, run, 0,
-                                            warp=kinds[j] == "warp", init=sp.probe, tag=tag)
-            if inv_asr < o.stop_asr:
-                run.log.info("invertune: suspect %r's inverted trigger reaches %.1f%% "
-                             "(< %.0f%%): not tuned", names[sp.target], 100 * inv_asr,
-                             100 * o.stop_asr)
-                continue
-            with run.timer(f"invertune_tune{tag}"):
-                current = self.tune(current, x, [(trig, sp.target)], head, run, 0,
-                                    extra=self._found_by(sp), tag=tag)
-            tuned += 1
+            for rr in range(o.suspect_rounds):
+                tag = _round_tag(rr) + _suspect_tag(j, sp.target)
+                with run.timer(f"invertune_invert{tag}"):
+                    trig, inv_asr = self.invert(current, x, y, head, sp.target, names, run,
+                                                rr, warp=kinds[j] == "warp",
+                                                init=sp.probe if rr == 0 else None, tag=tag)
+                if inv_asr < o.stop_asr:
+                    run.log.info("invertune: suspect %r's inverted trigger reaches %.1f%% "
+                                 "(< %.0f%%): not tuned", names[sp.target], 100 * inv_asr,
+                                 100 * o.stop_asr)
+                    break
+                with run.timer(f"invertune_tune{tag}"):
+                    current = self.tune(current, x, [(trig, sp.target)], head, run, rr,
+                                        extra=self._found_by(sp), tag=tag)
+                tuned += rr == 0
         run.metrics["suspects_tuned"] = float(tuned)
         return current
 
