@@ -54,12 +54,14 @@ probes alone failed on every rule tried (lead gap, lead ratio, reach in a second
 InverTune does not choose:
 the top class and every other family's leader at least ``suspect_lead`` (0.3) ahead of
 its runner-up, up to ``suspects`` (3; 1 = the top class only, as the paper), are inverted
-and tuned away. The top class gets its ``rounds`` as before; each other suspect then gets
-one inversion and one tuning pass of its own (a sink's trigger is found again at ~100% in
-every round, so more would only cost accuracy; tuned all together in one pass, each
-perturbation's share of a step shrank and the top class's backdoor survived: zoo:shapes
-SIG, 7.6% ASR left instead of 1.2%). What the extra passes cost where the top class was
-already the target is in the README's table (CA about 0.5-1 point).
+and tuned away. The top class gets its ``rounds`` as before, then each other
+suspect its own ``suspect_rounds`` (3) of inversion and tuning, one class at a time (tuned
+all together in one pass, each perturbation's share of a step shrank and the top class's
+backdoor survived: zoo:shapes SIG, 7.6% ASR left instead of 1.2%). One round per other
+suspect was not enough where the target is one of them (the CI's short SIG implant: 26.7%
+ASR left with 1, 8.9% with 3; zoo:shapes WaNet: 28.5% and 15.9%); where the top class was
+already the target the extra rounds on a sink cost accuracy (zoo:shapes SIG, two sinks: CA
+-2.0 points with 1, -3.1 with 3, ASR 1.2% left either way). Figures in the README.
 
 Where mmsec departs from the paper, and why (measured on the zoo models, see the README):
 

@@ -100,10 +100,10 @@ class InverTune(Defense):
                                        "natural sink can outrank the target in another "
                                        "family); 1 = the top class only (the paper)")
         suspect_rounds: int = Field(
-            1, ge=1, le=10, description="auto: invert+tune rounds of each suspect after the "
-                                        "first, after the first's rounds (a natural sink's "
-                                        "trigger is found again at ~100% every round: more "
-                                        "rounds mostly cost accuracy)")
+            3, ge=1, le=10, description="auto: invert+tune rounds of each suspect after the "
+                                        "first, one class at a time after the first's rounds "
+                                        "(fewer cost less accuracy where the top class is the "
+                                        "target; see the package doc)")
         suspect_lead: float = Field(
             0.3, ge=0, description="auto: a family's leader this far ahead of its runner-up "
                                    "(log-odds) is a suspect next to the top class")
