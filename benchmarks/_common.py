@@ -322,3 +322,13 @@ def emit(name: str, args, model_name: str, *, figure: float, ceiling: float, uni
     }
     print(json.dumps(out, indent=2), flush=True)
     return out
+
+
+def per_model(args, measure: Callable[[str, Any, Any], dict], device) -> list[dict]:
+    """``measure(name, args, device)`` for each name of ``--models`` (comma-separated),
+    each row printed as it comes; the rows in order."""
+    rows = []
+    for name in args.models.split(","):
+        rows.append(measure(name.strip(), args, device))
+        print(rows[-1], flush=True)
+    return rows

@@ -46,10 +46,7 @@ def measure(name: str, args, device) -> dict:
 def main(argv=None) -> dict:
     args = C.parse(C.parser(__doc__, SIZES), argv)
     device = C.setup(args)
-    rows = []
-    for name in args.models.split(","):
-        rows.append(measure(name.strip(), args, device))
-        print(rows[-1], flush=True)
+    rows = C.per_model(args, measure, device)
     last = rows[-1]
     return C.emit("channels_last", args, last["model"], figure=last["channels_last_img_s"],
                   ceiling=last["contiguous_img_s"], unit="img/s",

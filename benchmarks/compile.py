@@ -80,10 +80,7 @@ def measure(name: str, args, device) -> dict:
 def main(argv=None) -> dict:
     args = C.parse(C.parser(__doc__, SIZES), argv)
     device = C.setup(args)
-    rows = []
-    for name in args.models.split(","):
-        rows.append(measure(name.strip(), args, device))
-        print(rows[-1], flush=True)
+    rows = C.per_model(args, measure, device)
     last = rows[-1]
     return C.emit("compile", args, last["model"], figure=last["compiled_img_s"],
                   ceiling=last["eager_img_s"], unit="img/s",
