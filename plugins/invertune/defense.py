@@ -204,48 +204,47 @@ class InverTune(Defense):
                                                      and sp.family == "warp") else "mask"
                  for sp in suspects]
         run.set("inversion", kinds[0])
-        current = model
-        rounds = o.rounds if "tune" in o.stages else 1
-        top = suspects[0]
-        done = 0
-        for r in range(rounds):
-            tag = _round_tag(r)
-            with run.timer(f"invertune_invert{tag}"):
-                trig, inv_asr = self.invert(current, x, y, head, top.target, names, run, r,
-                                            warp=kinds[0] == "warp",
-                                            init=top.probe if r == 0 else None)
-            if r > 0 and inv_asr < o.stop_asr:
-                run.log.info("invertune: round %d's inverted trigger reaches %.1f%% (< %.0f%%):"
-                             " nothing left to tune", r + 1, 100 * inv_asr, 100 * o.stop_asr)
-                break
-            if "tune" in o.stages:
-                with run.timer(f"invertune_tune{tag}"):
-                    current = self.tune(current, x, [(trig, top.target)], head, run, r,
-                                        extra=self._found_by(top))
-            done += 1
+        # the top class gets ``rounds``; then each other suspect its ``suspect_rounds``, one
+        # class at a time (tuned together with the top class, each perturbation's share of a
+        # step shrank and the top class's backdoor survived: zoo:shapes SIG, ASR 1.6% -> 7.6%)
+        tune = "tune" in o.stages
+        current, done = self._rounds(model, x, y, head, names, run, suspects[0], 0, kinds[0],
+                                     o.rounds if tune else 1, tune=tune)
         run.metrics["rounds_done"] = float(done)
-        # the other suspects: ``suspect_rounds`` inversion and tuning passes each, after the
-        # top class's rounds (tuned together with it, each perturbation's share of a step shrank and
-        # the top class's backdoor survived: zoo:shapes SIG, ASR 1.6% -> 7.6%)
         tuned = 1
-        for j, sp in enumerate(suspects[1:] if "tune" in o.stages else [], start=1):
-            for rr in range(o.suspect_rounds):
-                tag = _round_tag(rr) + _suspect_tag(j, sp.target)
-                with run.timer(f"invertune_invert{tag}"):
-                    trig, inv_asr = self.invert(current, x, y, head, sp.target, names, run,
-                                                rr, warp=kinds[j] == "warp",
-                                                init=sp.probe if rr == 0 else None, tag=tag)
-                if inv_asr < o.stop_asr:
-                    run.log.info("invertune: suspect %r's inverted trigger reaches %.1f%% "
-                                 "(< %.0f%%): not tuned", names[sp.target], 100 * inv_asr,
-                                 100 * o.stop_asr)
-                    break
-                with run.timer(f"invertune_tune{tag}"):
-                    current = self.tune(current, x, [(trig, sp.target)], head, run, rr,
-                                        extra=self._found_by(sp), tag=tag)
-                tuned += rr == 0
+        for j, sp in enumerate(suspects[1:] if tune else [], start=1):
+            current, done = self._rounds(current, x, y, head, names, run, sp, j, kinds[j],
+                                         o.suspect_rounds, tune=True)
+            tuned += done > 0
         run.metrics["suspects_tuned"] = float(tuned)
         return current
+
+    def _rounds(self, model, x, y, head, names, run, sp, j: int, kind: str, rounds: int, *,
+                tune: bool):
+        """Up to ``rounds`` invert(+tune) rounds of suspect ``sp`` (``j``: its place, 0 for
+        the top class); each later round inverts again on the repaired model, and a round
+        whose inverted trigger reaches fewer than ``stop_asr`` of the clean images ends them
+        (not the top class's first: it is tuned whatever it reaches). Returns the model and
+        the rounds done."""
+        o = self.options
+        current, done = model, 0
+        for r in range(rounds):
+            tag = _round_tag(r) + _suspect_tag(j, sp.target)
+            with run.timer(f"invertune_invert{tag}"):
+                trig, inv_asr = self.invert(current, x, y, head, sp.target, names, run, r,
+                                            warp=kind == "warp",
+                                            init=sp.probe if r == 0 else None, tag=tag)
+            if (j or r) and inv_asr < o.stop_asr:
+                run.log.info("invertune: %r round %d: the inverted trigger reaches %.1f%% "
+                             "(< %.0f%%): nothing left to tune", names[sp.target], r + 1,
+                             100 * inv_asr, 100 * o.stop_asr)
+                break
+            if tune:
+                with run.timer(f"invertune_tune{tag}"):
+                    current = self.tune(current, x, trig, sp.target, head, run, r,
+                                        extra=self._found_by(sp), tag=tag)
+            done += 1
+        return current, done
 
     def _found_by(self, sp) -> list:
         """The perturbation that found suspect ``sp``, tuned away next to its inverted
@@ -564,14 +563,14 @@ class InverTune(Defense):
         return frozen.apply, inv_asr
 
     # ------------------------------------------------------------------ stage 3
-    def tune(self, model, x, triggers, head, run, rnd: int = 0, *, extra=(),
+    def tune(self, model, x, trigger, target: int, head, run, rnd: int = 0, *, extra=(),
              tag: str | None = None):
-        """Fine-tune a copy's image tower so the inverted triggers (``(function of the pixels,
-        target)`` pairs, the top suspect first) and the ``extra`` perturbations (the probes or
-        simulator that found the suspects, same form) no longer move the critical neurons of
-        the most shifted stages, while clean embeddings stay where they were."""
+        """Fine-tune a copy's image tower so the inverted ``trigger`` (a function of the
+        pixels) towards ``target`` and the ``extra`` perturbations (the probe or simulator
+        that found the suspect, as ``(function, target)`` pairs) no longer move the critical
+        neurons of the most shifted stages, while clean embeddings stay where they were."""
         o = self.options
-        poisons = [p for p, _ in triggers] + [p for p, _ in extra]
+        poisons = [trigger] + [p for p, _ in extra]
         device = model.device
         tag = _round_tag(rnd) if tag is None else tag
         repaired = copy.deepcopy(model)
@@ -580,7 +579,7 @@ class InverTune(Defense):
         with torch.no_grad():
             _, a = model.forward_features(probe, layers, pooled=False)
             aps = [model.forward_features(p(probe), layers, pooled=False)[1] for p in poisons]
-            # relative shift per stage, averaged over the triggers
+            # relative shift per stage, averaged over the trigger and the probe
             shift = {n: sum(float(((a[n] - ap[n]).flatten(1).norm(dim=1)
                                    / a[n].flatten(1).norm(dim=1).clamp_min(1e-8)).mean())
                             for ap in aps) / len(aps) for n in layers}
@@ -658,11 +657,8 @@ class InverTune(Defense):
                 return (float((_predict(repaired, p(keep), head) == target).float().mean())
                         if len(keep) else float("nan"))
 
-            rates = [rate(p, t) for p, t in triggers]
             sims = [rate(p, t) for p, t in extra]
-            m["inverted_asr_after_tune"] = rates[0]
-            for (_, t), v in list(zip(triggers, rates, strict=True))[1:]:
-                m[f"inverted_asr_after_tune_c{t}"] = v
+            m["inverted_asr_after_tune"] = rate(trigger, target)
             if sims:
                 m["simulator_target_rate_after_tune"] = sims[0]
         run.metrics.update({k + tag: v for k, v in m.items()})
@@ -671,15 +667,13 @@ class InverTune(Defense):
                          for n in layers)
         title = ("InverTune 3: clustering-guided activation tuning"
                  + (f" (round {rnd + 1})" if rnd else "")
-                 + (f", suspect class {triggers[0][1]}" if "_c" in tag else ""))
+                 + (f", suspect class {target}" if "_c" in tag else ""))
         run.add_section(title, (
             f"{out.steps} AdamW steps (lr {o.tune_lr:g}, wd {o.tune_weight_decay:g}, cosine, "
             f"clip {o.grad_clip:g}) of {bs} clean images on the image tower. Activation loss "
             f"{m.get('tune_act_loss_first', float('nan')):.4f} -> "
             f"{m.get('tune_act_loss_last', float('nan')):.4f}; target rate after tuning "
             f"(clean non-target images): inverted trigger {m['inverted_asr_after_tune']:.1%}"
-            + "".join(f", suspect {t}'s {v:.1%}" for (_, t), v in zip(triggers[1:], rates[1:],
-                                                                        strict=True))
             + (f", probes/simulator {', '.join(f'{v:.1%}' for v in sims)}" if sims else "")
             + ".\n\n"
             f"| stage | relative shift | tuned | critical neurons |\n|---|---|---|---|\n{rows}\n"))
