@@ -270,7 +270,8 @@ class _Prepared:
         # farthest-item targets as the paper defines them: exact search (kind="exact")
         index_text = VectorIndex(self.item_text, device=self.device, kind="exact")
         _, far = index_text.farthest(self.image_emb, 1)
-        self.farthest_item = far[:, 0].to(self.device)  # [N] row of each image's target
+        # [N] row of each image's target, on the host: a step looks its rows up there
+        self.farthest_item = far[:, 0].cpu()
         self.use_text = use_text
         self.word_width = 0
         self.vocabulary_sample: list[str] = []
@@ -345,7 +346,7 @@ class _Loss:
         views = _scaled_views(x, o.eps, o.scales, o.noise_std, gen)
         ids, count = p.captions.ids, p.captions.count
         own = [ids[int(r), :int(count[int(r)])] for r in rows_cpu]
-        tgt = self._image_targets(rows, targets)
+        tgt = self._image_targets(rows, rows_cpu, targets)
         loss = x.new_zeros(())
         sse = x.new_zeros(())
         for view in views:
@@ -358,10 +359,10 @@ class _Loss:
         total = loss - o.alpha * sse
         return {"image": total, "img_contrastive": loss.detach(), "img_sse": sse.detach()}
 
-    def _image_targets(self, rows, targets) -> list[int]:
+    def _image_targets(self, rows, rows_cpu, targets) -> list[int]:
         p = self.prep
-        if self.o.target == "farthest":
-            return p.farthest_item[rows].tolist()
+        if self.o.target == "farthest":  # no device read-back
+            return p.farthest_item[rows_cpu].tolist()
         clean = p.image_emb[rows]  # [B, D]
         sims = clean @ p.item_text[targets].t()  # mean caption similarity per target item
         return targets[sims.argmin(1)].tolist()
