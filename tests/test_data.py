@@ -79,6 +79,22 @@ def test_procedural_is_deterministic(procedural, tmp_path):
     assert not torch.equal(a.images, e.images)
 
 
+def test_procedural_renders_in_worker_processes_to_the_same_bytes(procedural, tmp_path,
+                                                                  monkeypatch):
+    from mmsec.data import procedural as module
+
+    monkeypatch.setenv("MMSEC_RENDER_WORKERS", "0")
+    serial = procedural(split="val", seed=3, n=45)
+    for f in (tmp_path / "cache" / "procedural").iterdir():
+        f.unlink()
+    monkeypatch.setattr(module, "_CHUNK", 10)  # 5 chunks over 2 forked workers
+    monkeypatch.setenv("MMSEC_RENDER_WORKERS", "2")
+    with module._pool(5) as pool:
+        assert pool is not None
+    parallel = procedural(split="val", seed=3, n=45)
+    assert parallel.images.numpy().tobytes() == serial.images.numpy().tobytes()
+
+
 def test_procedural_labels_captions(procedural):
     ds = procedural(split="test", seed=0, n=50)
     assert len(ds) == 50 and ds.classnames is not None and len(ds.classnames) == 10

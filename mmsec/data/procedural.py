@@ -9,9 +9,13 @@ box-filtered down for anti-aliasing, and memoised on disk in the cache folder.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import hashlib
 import io
 import logging
+import multiprocessing
+import os
 from pathlib import Path
 
 import numpy as np
@@ -226,6 +230,33 @@ def _read_memo(path: Path, shape: tuple[int, ...]) -> np.ndarray | None:
     return None
 
 
+_CHUNK = 1000  # images per rendering task
+
+
+def _render_chunk(job: tuple[int, str, int, int, int]) -> np.ndarray:
+    seed, split, start, stop, size = job
+    return np.stack([render(seed, split, i, size)[0] for i in range(start, stop)])
+
+
+@contextlib.contextmanager
+def _pool(tasks: int):
+    """Worker processes for rendering several chunks (``None``: render here): up to the CPUs
+    this process may use, ``MMSEC_RENDER_WORKERS`` (0 = none); forked, so nothing is
+    imported again (where fork is unavailable, rendering stays in this process)."""
+    env = os.environ.get("MMSEC_RENDER_WORKERS")
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    workers = min(tasks, int(env) if env not in (None, "") else cpus, 16)
+    if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield None
+        return
+    with concurrent.futures.ProcessPoolExecutor(
+            workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        yield pool
+
+
 def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
     """Rendered uint8 images ``[n, size, size, 3]``, memoised on disk in the cache dir.
 
@@ -240,11 +271,18 @@ def _procedural_array(seed: int, split: str, n: int, size: int) -> np.ndarray:
         return arr
     from ..progress import progress
 
-    arr = np.stack([
-        render(seed, split, i, size)[0]
-        for i in progress(range(n), desc=f"rendering procedural[{split}]", enabled=n >= 5000,
-                          mininterval=1.0)
-    ])
+    arr = np.empty((n, size, size, 3), np.uint8)
+    chunks = [range(i, min(n, i + _CHUNK)) for i in range(0, n, _CHUNK)]
+    with progress(total=n, desc=f"rendering procedural[{split}]", enabled=n >= 5000,
+                  mininterval=1.0) as bar, _pool(len(chunks)) as pool:
+        # each image is a pure function of (seed, split, index): any split of the work
+        # gives the same bytes
+        parts = (pool.map(_render_chunk, [(seed, split, r.start, r.stop, size) for r in chunks])
+                 if pool is not None else
+                 (_render_chunk((seed, split, r.start, r.stop, size)) for r in chunks))
+        for r, part in zip(chunks, parts, strict=True):
+            arr[r.start:r.stop] = part
+            bar.update(len(r))
     from ..distributed import is_main
 
     if not is_main():  # under torchrun rank 0 writes the memo
