@@ -80,7 +80,8 @@ Where mmsec departs from the paper, and why (measured on the zoo models, see the
   sink's trigger is found again at ~100% every round (so ``stop_asr`` never ends them) and
   its later rounds often leave it there (1.00 -> 1.00) while costing accuracy: undoing
   them took zoo:shapes SIG from CA -3.1 to -2.0 and stamps BadNets from -3.2 to -1.6 at the
-  same ASR, and cut the run time by 25-35%. The cost: on Fashion-MNIST WaNet the third
+  same ASR, and cut the CPU time by 13% over the 8 zoo implants (24% on SIG, 28% on
+  stamps BadNets). The cost: on Fashion-MNIST WaNet the third
   round (0.99 -> 0.93) had still helped, ASR left 6.6% -> 9.6%.
 - ``w_invariance`` (1): the tuning also pulls a triggered image's embedding back to the
   original model's embedding of the clean image. On zoo:shapes + WaNet (target given, warp
