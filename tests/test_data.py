@@ -93,6 +93,10 @@ def test_procedural_renders_in_worker_processes_to_the_same_bytes(procedural, tm
         assert pool is not None
     parallel = procedural(split="val", seed=3, n=45)
     assert parallel.images.numpy().tobytes() == serial.images.numpy().tobytes()
+    monkeypatch.setenv("MMSEC_RENDER_WORKERS", "two")
+    with pytest.raises(UsageError, match="MMSEC_RENDER_WORKERS"):
+        with module._pool(5):
+            pass
 
 
 def test_procedural_labels_captions(procedural):

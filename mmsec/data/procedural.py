@@ -243,12 +243,13 @@ def _pool(tasks: int):
     """Worker processes for rendering several chunks (``None``: render here): up to the CPUs
     this process may use, ``MMSEC_RENDER_WORKERS`` (0 = none); forked, so nothing is
     imported again (where fork is unavailable, rendering stays in this process)."""
-    env = os.environ.get("MMSEC_RENDER_WORKERS")
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    workers = min(tasks, int(env) if env not in (None, "") else cpus, 16)
+    from .stream import usable_cpus
+
+    env = os.environ.get("MMSEC_RENDER_WORKERS", "").strip()
+    if env and not env.isdigit():
+        raise UsageError(f"MMSEC_RENDER_WORKERS={env!r}: expected a number of processes "
+                         "(0 = render in this process)")
+    workers = min(tasks, int(env) if env else usable_cpus(), 16)
     if workers < 2 or "fork" not in multiprocessing.get_all_start_methods():
         yield None
         return
