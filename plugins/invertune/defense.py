@@ -250,9 +250,8 @@ class InverTune(Defense):
                 break
             if tune:
                 with run.timer(f"invertune_tune{tag}"):
-                    repaired = self.tune(current, x, trig, sp.target, head, run, r,
-                                         extra=self._found_by(sp), tag=tag)
-                after = run.metrics[f"inverted_asr_after_tune{tag}"]
+                    repaired, after = self.tune(current, x, trig, sp.target, head, run, r,
+                                                extra=self._found_by(sp), tag=tag)
                 kept = r == 0 or not after > (1 - o.min_tune_drop) * inv_asr
                 run.metrics[f"round_kept{tag}"] = float(kept)
                 if not kept:
@@ -586,7 +585,9 @@ class InverTune(Defense):
         """Fine-tune a copy's image tower so the inverted ``trigger`` (a function of the
         pixels) towards ``target`` and the ``extra`` perturbations (the probe or simulator
         that found the suspect, as ``(function, target)`` pairs) no longer move the critical
-        neurons of the most shifted stages, while clean embeddings stay where they were."""
+        neurons of the most shifted stages, while clean embeddings stay where they were.
+        Returns the repaired copy and the share of clean non-target images the trigger still
+        sends to the target through it (``inverted_asr_after_tune``)."""
         o = self.options
         poisons = [trigger] + [p for p, _ in extra]
         device = model.device
@@ -695,7 +696,7 @@ class InverTune(Defense):
             + (f", probes/simulator {', '.join(f'{v:.1%}' for v in sims)}" if sims else "")
             + ".\n\n"
             f"| stage | relative shift | tuned | critical neurons |\n|---|---|---|---|\n{rows}\n"))
-        return repaired
+        return repaired, m["inverted_asr_after_tune"]
 
 
 class _Trigger(nn.Module):
